@@ -1,0 +1,218 @@
+"""`MoSELayer`: a frozen linear layer plus the three modality experts of every MoSE adapter on it."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .config import MoSEConfig
+from .experts import EXPERTS, expert_gates, mose_delta
+from .modality import Modality
+from .router import ModalityRouter, pool_modalities, routing_weight
+from .tracking import ModalityTracker, TokenState
+
+MERGE_ERROR = (
+    "MoSE adapters cannot be merged into the base weights: each token mixes its experts with its own weights "
+    "(softmax(W x) over the B matrices, Eq. 2) and with a per-sample, per-modality router weight (Eq. 3-4), so the "
+    "update is not one static matrix. Keep the adapter unmerged, or use `unload()` to get the base model back."
+)
+
+
+class MoSELayer(BaseTunerLayer):
+    """The adapter state of one targeted layer: per adapter, ``A [3, r, in]``, ``B [out, 3, N, r]``, token gates
+    ``[3, N, in]`` (absent for ``N = 1``) and the router ``f``."""
+
+    adapter_layer_names = ("mose_A", "mose_B", "mose_gate", "mose_router")
+    other_param_names = ("r", "lora_alpha", "scaling", "n_experts", "eps", "expert_ids", "mose_dropout")
+
+    def __init__(self, base_layer: nn.Module, tracker: Optional[ModalityTracker], layer_name: str) -> None:
+        self.base_layer = base_layer
+        self.mose_A = nn.ParameterDict({})
+        self.mose_B = nn.ParameterDict({})
+        self.mose_gate = nn.ParameterDict({})
+        self.mose_router = nn.ModuleDict({})
+        self.mose_dropout = nn.ModuleDict({})
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.n_experts: dict[str, int] = {}
+        self.eps: dict[str, float] = {}
+        self.expert_ids: dict[str, tuple[frozenset[int], frozenset[int]]] = {}
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self.tracker = tracker
+        self.layer_name = layer_name
+        self.routing_record: dict[str, dict[str, torch.Tensor]] = {}
+        self.in_features, self.out_features = _layer_dims(base_layer)
+
+    def update_layer(self, adapter_name: str, config: MoSEConfig) -> None:
+        """Create (or re-create) the parameters of ``adapter_name`` from ``config``."""
+        r, n, d_in, d_out = config.r, config.n_experts, self.in_features, self.out_features
+        device = _base_device(self.get_base_layer())
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = config.lora_alpha
+        self.scaling[adapter_name] = config.lora_alpha / r
+        self.n_experts[adapter_name] = n
+        self.eps[adapter_name] = config.eps
+        self.expert_ids[adapter_name] = config.expert_modalities()
+        self.mose_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        self.mose_A[adapter_name] = nn.Parameter(torch.empty(len(EXPERTS), r, d_in, device=device))
+        self.mose_B[adapter_name] = nn.Parameter(torch.empty(d_out, len(EXPERTS), n, r, device=device))
+        if n > 1:
+            self.mose_gate[adapter_name] = nn.Parameter(torch.empty(len(EXPERTS), n, d_in, device=device))
+        self.mose_router[adapter_name] = ModalityRouter(
+            d_in, config.router_hidden_size, zero_init_output=config.init_weights, device=device
+        )
+        self.reset_parameters(adapter_name, config.init_weights)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters)
+
+    @torch.no_grad()
+    def reset_parameters(self, adapter_name: str, init_weights: bool) -> None:
+        """``A`` and the gates like ``nn.Linear`` weights (LoRA's ``A`` init); ``B = 0`` unless ``init_weights`` is
+        False. Random gates break the symmetry between the ``B_i`` of an expert."""
+        bound = 1.0 / math.sqrt(self.in_features)
+        self.mose_A[adapter_name].uniform_(-bound, bound)
+        if adapter_name in self.mose_gate:
+            self.mose_gate[adapter_name].uniform_(-bound, bound)
+        if init_weights:
+            self.mose_B[adapter_name].zero_()
+        else:
+            self.mose_B[adapter_name].uniform_(-1.0 / math.sqrt(self.r[adapter_name]), 1.0 / math.sqrt(self.r[adapter_name]))
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        raise ValueError(MERGE_ERROR)
+
+    def unmerge(self) -> None:
+        raise ValueError(MERGE_ERROR)
+
+    def _token_masks(self, state: TokenState | None, adapter_name: str, batch: int, seq: int, device) -> dict:
+        """Per-token expert indicators and the router's pooling weights for this call, memoised per forward."""
+        visual, nonvisual = self.expert_ids[adapter_name]
+        if state is None:
+            ids = torch.full((batch, seq), int(Modality.TEXT), dtype=torch.long, device=device)
+            valid = torch.ones(batch, seq, dtype=torch.bool, device=device)
+            key = None
+        else:
+            if state.batch_size != batch or state.new_length != seq:
+                raise ValueError(
+                    f"MoSE layer '{self.layer_name}' received input of batch {batch} and length {seq}, but the model "
+                    f"call has batch {state.batch_size} and {state.new_length} new tokens. MoSE targets must be layers "
+                    "that process the model's token sequence (not e.g. a vision tower or cross-attention inputs)."
+                )
+            key = ("mose", visual, nonvisual)
+            if key in state.cache:
+                return state.cache[key]
+            ids, valid = state.new(state.modality_ids), state.new(state.valid)
+        is_visual = _isin(ids, visual)
+        is_nonvisual = _isin(ids, nonvisual)
+        prompt = valid & (ids != int(Modality.ANSWER))
+        pool = torch.stack([is_visual & prompt, is_nonvisual & prompt], dim=1).float()
+        pool = pool / pool.sum(-1, keepdim=True).clamp_min(1.0)
+        masks = {
+            "visual": is_visual.float(),
+            "nonvisual": is_nonvisual.float(),
+            "tokens": torch.stack([is_visual, is_nonvisual, valid], dim=-1).float(),
+            "pool": pool,
+        }
+        if key is not None:
+            state.cache[key] = masks
+        return masks
+
+    def _routing_lambda(self, adapter_name: str, x: torch.Tensor, masks: dict, state: TokenState | None) -> torch.Tensor:
+        if state is None or state.compute_router:
+            pooled = pool_modalities(x, masks["pool"])
+            return routing_weight(self.mose_router[adapter_name], pooled, self.eps[adapter_name])
+        cached = self.routing_record.get(adapter_name, {}).get("lambda")
+        if cached is None or cached.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"MoSE layer '{self.layer_name}': this call continues a cached sequence, but no routing weight of a "
+                f"prompt with batch size {x.shape[0]} is stored. Run the prompt through the model first (generate "
+                "does this), passing its `modality_ids`."
+            )
+        return cached.to(x.dtype)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disable_adapters:
+            return result
+        active = [name for name in self.active_adapters if name in self.mose_A]
+        if not active:
+            return result
+        if x.dim() != 3:
+            raise ValueError(
+                f"MoSE layer '{self.layer_name}' expects input [batch, seq, features], got shape {tuple(x.shape)}."
+            )
+        state = self.tracker.state if self.tracker is not None else None
+        for name in active:
+            A = self.mose_A[name]
+            x_a = self._cast_input_dtype(x, A.dtype)
+            masks = self._token_masks(state, name, x.shape[0], x.shape[1], x.device)
+            lam = self._routing_lambda(name, x_a, masks, state)
+            coef = torch.stack(
+                [lam[:, None] * masks["visual"], (1 - lam[:, None]) * masks["nonvisual"], torch.ones_like(masks["visual"])],
+                dim=-1,
+            ) * self.scaling[name]
+            x_d = self.mose_dropout[name](x_a)
+            gates = expert_gates(x_d, self.mose_gate[name] if name in self.mose_gate else None, self.n_experts[name])
+            delta = mose_delta(x_d, A, self.mose_B[name], gates, coef.to(A.dtype))
+            result = result + delta.to(result.dtype)
+            self._record(name, lam, gates, masks["tokens"])
+        return result
+
+    @torch.no_grad()
+    def _record(self, adapter_name: str, lam: torch.Tensor, gates: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Keep the last call's routing for :meth:`MoSEModel.routing_stats`: ``lambda [batch]`` and each expert's
+        mean gate weights over the tokens it processes, ``[batch, 3, N]``."""
+        counts = tokens.sum(1).clamp_min(1.0)
+        mean_gates = torch.einsum("bse,bsen->ben", tokens.to(gates.dtype), gates) / counts[..., None].to(gates.dtype)
+        self.routing_record[adapter_name] = {"lambda": lam.detach(), "expert_weights": mean_gates}
+
+    def __repr__(self) -> str:
+        return "mose." + super().__repr__()
+
+
+class MoSELinear(nn.Module, MoSELayer):
+    """MoSE around a ``torch.nn.Linear`` or a transformers ``Conv1D``."""
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        config: MoSEConfig,
+        tracker: Optional[ModalityTracker] = None,
+        layer_name: str = "",
+    ) -> None:
+        super().__init__()
+        MoSELayer.__init__(self, base_layer, tracker, layer_name)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config)
+
+    forward = MoSELayer.forward
+
+
+def _isin(ids: torch.Tensor, values: frozenset[int]) -> torch.Tensor:
+    return torch.isin(ids, torch.tensor(sorted(values), dtype=ids.dtype, device=ids.device))
+
+
+def _layer_dims(layer: nn.Module) -> tuple[int, int]:
+    """``(in_features, out_features)``, also for ZeRO-3 partitioned weights (``ds_shape``)."""
+    if isinstance(layer, nn.Linear):
+        return layer.in_features, layer.out_features
+    if isinstance(layer, Conv1D):
+        shape = getattr(layer.weight, "ds_shape", None) or layer.weight.shape
+        return int(shape[0]), int(shape[1])
+    raise ValueError(
+        f"MoSE can adapt torch.nn.Linear and transformers Conv1D layers, got {type(layer).__name__}. "
+        "Choose other `target_modules`."
+    )
+
+
+def _base_device(layer: nn.Module) -> torch.device:
+    weight = getattr(layer, "weight", None)
+    return weight.device if isinstance(weight, torch.Tensor) else torch.device("cpu")
