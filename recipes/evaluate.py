@@ -1,0 +1,398 @@
+"""Score emotion predictions and report them like the MoSEAR paper (Tables 1 and 7 for reasoning, 3 and 4 for
+recognition): a markdown table on stdout, ``scores.json``, ``scores.md``, ``per_sample.jsonl`` and ``scores.png``.
+
+Scoring an existing predictions file (no model needed)::
+
+    python recipes/evaluate.py --predictions preds.jsonl --references refs.jsonl --out_dir out/eval
+    python recipes/evaluate.py --predictions preds.jsonl --references refs.jsonl --out_dir out/eval \\
+        --task recognition --labels mer2023 --parser robust
+
+File formats: ``docs/evaluation.md``. A model-running mode calls :func:`score` and :func:`write_report` with the
+predictions it generates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import reduce
+from operator import getitem
+from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from tqdm import tqdm
+
+from peft_mose.metrics import (
+    DEFAULT_GROUPING,
+    LABEL_PARSERS,
+    Grouping,
+    audio_video_gap,
+    extract_emotion_words,
+    load_grouping,
+    make_label_parser,
+    normalize_subset,
+    normalize_word,
+    recognition_scores,
+    resolve_labels,
+    sample_set_scores,
+    scores_by_subset,
+    set_level_scores,
+    vocabulary_of,
+)
+
+TASKS = ("reasoning", "recognition")
+METRICS = {"reasoning": ("accuracy", "recall", "average"), "recognition": ("accuracy", "weighted_f1", "uar", "war")}
+_HEADERS = {"accuracy": "Acc.", "recall": "Rec.", "average": "Avg.", "weighted_f1": "W-F1", "uar": "UAR", "war": "WAR"}
+_TITLES = {
+    "video_aligned": "Video-Aligned",
+    "audio_aligned": "Audio-Aligned",
+    "consistent": "Consistent",
+    "overall": "Overall",
+}
+_SHOWN_IDS = 5
+
+Prediction = str | list[str]
+
+
+@dataclass(frozen=True)
+class Reference:
+    """One reference record: reasoning text or emotion words (reasoning task), a class label (recognition task)."""
+
+    id: str
+    reference: Prediction | None = None
+    label: str | None = None
+    subset: str | None = None
+
+
+@dataclass(frozen=True)
+class ScoringConfig:
+    """How predictions are turned into scores; ``describe()`` is what ``scores.json`` records."""
+
+    task: str = "reasoning"
+    labels: tuple[str, ...] = resolve_labels("mer2023")
+    parser: str = "emotion_llama"
+    grouping: Grouping = DEFAULT_GROUPING
+    grouping_source: str = "default"
+    scope: str = "conclusion"
+    extractor: Callable[[str], list[str]] | None = field(default=None, compare=False)
+
+    def describe(self) -> dict[str, object]:
+        """The settings that affect the scores, JSON-friendly."""
+        if self.task == "recognition":
+            described: dict[str, object] = {"labels": list(self.labels), "parser": self.parser}
+            if self.parser == "robust":
+                described["grouping"] = self.grouping_source
+            return described
+        return {
+            "grouping": self.grouping_source,
+            "extractor": "custom" if self.extractor else f"default (scope={self.scope})",
+        }
+
+
+def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
+    """``(line number, object)`` for every non-blank line; a clear ``ValueError`` for a missing or empty file,
+    invalid JSON or a line that is not a JSON object."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist or is not a file.")
+    records = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{number}: invalid JSON ({error.msg}).") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}.")
+            records.append((number, record))
+    if not records:
+        raise ValueError(f"{path} is empty: it holds no records.")
+    return records
+
+
+def write_jsonl(path: str | Path, records: Sequence[Mapping[str, object]]) -> None:
+    """Write one JSON object per line (UTF-8)."""
+    with Path(path).open("w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def _unique_ids(path: Path, records: list[tuple[int, dict]]) -> list[str]:
+    first_line: dict[str, int] = {}
+    for number, record in records:
+        value = record.get("id")
+        if isinstance(value, bool) or not isinstance(value, (str, int)) or str(value) == "":
+            raise ValueError(f"{path}:{number}: 'id' must be a non-empty string or an integer, got {value!r}.")
+        if str(value) in first_line:
+            raise ValueError(f"{path}:{number}: duplicate id {str(value)!r} (first on line {first_line[str(value)]}).")
+        first_line[str(value)] = number
+    return list(first_line)
+
+
+def _text_or_words(value: object, where: str, key: str) -> Prediction:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(w, str) for w in value):
+        return value
+    raise ValueError(f"{where}: {key!r} must be a string or a list of strings, got {value!r}.")
+
+
+def load_predictions(path: str | Path) -> dict[str, Prediction]:
+    """``{id: prediction}`` from a JSONL file of ``{"id", "prediction"}`` records."""
+    path = Path(path)
+    records = read_jsonl(path)
+    ids = _unique_ids(path, records)
+    predictions = {}
+    for sample_id, (number, record) in zip(ids, records):
+        if "prediction" not in record:
+            raise ValueError(f"{path}:{number} (id {sample_id!r}): missing field 'prediction'.")
+        predictions[sample_id] = _text_or_words(record["prediction"], f"{path}:{number}", "prediction")
+    return predictions
+
+
+def load_references(path: str | Path, task: str, labels: Sequence[str] = ()) -> list[Reference]:
+    """References from a JSONL file of ``{"id", "reference" (reasoning) | "label" (recognition), "subset"?}``."""
+    path = Path(path)
+    records = read_jsonl(path)
+    ids = _unique_ids(path, records)
+    references = []
+    for sample_id, (number, record) in zip(ids, records):
+        where = f"{path}:{number} (id {sample_id!r})"
+        subset = record.get("subset")
+        if subset is not None:
+            try:
+                subset = normalize_subset(subset)
+            except ValueError as error:
+                raise ValueError(f"{where}: {error}") from None
+        if task == "recognition":
+            if not isinstance(record.get("label"), str):
+                raise ValueError(f"{where}: the recognition task needs a string field 'label'.")
+            label = normalize_word(record["label"])
+            if label not in labels:
+                raise ValueError(f"{where}: label {record['label']!r} is not in the label set {list(labels)}.")
+            references.append(Reference(sample_id, label=label, subset=subset))
+        else:
+            if "reference" not in record:
+                raise ValueError(f"{where}: the reasoning task needs a field 'reference'.")
+            reference = _text_or_words(record["reference"], where, "reference")
+            references.append(Reference(sample_id, reference, subset=subset))
+    with_subset = [r.subset is not None for r in references]
+    if any(with_subset) and not all(with_subset):
+        missing = references[with_subset.index(False)].id
+        raise ValueError(f"{path}: some records have a 'subset', others not (e.g. id {missing!r}): give all or none.")
+    return references
+
+
+def _id_list(ids: list[str]) -> str:
+    shown = ", ".join(repr(i) for i in ids[:_SHOWN_IDS])
+    return shown + (f" and {len(ids) - _SHOWN_IDS} more" if len(ids) > _SHOWN_IDS else "")
+
+
+def check_ids(predictions: Mapping[str, Prediction], references: Sequence[Reference]) -> None:
+    """Raise unless predictions and references have exactly the same ids (no partial scores)."""
+    reference_ids = [r.id for r in references]
+    missing = [i for i in reference_ids if i not in predictions]
+    unknown = sorted(set(predictions) - set(reference_ids))
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} reference ids have no prediction: {_id_list(missing)}")
+    if unknown:
+        problems.append(f"{len(unknown)} prediction ids are not in the references: {_id_list(unknown)}")
+    if problems:
+        raise ValueError("; ".join(problems) + ".")
+
+
+def _words(value: Prediction, extractor: Callable[[str], list[str]]) -> list[str]:
+    return extractor(value) if isinstance(value, str) else value
+
+
+def score(
+    predictions: Mapping[str, Prediction], references: Sequence[Reference], config: ScoringConfig
+) -> tuple[dict[str, object], list[dict[str, object]]]:
+    """Score predictions against references: ``(result, per-sample rows)``; scores per CA-MER subset when the
+    references have subsets, plus ``overall`` and the audio-minus-video ``gap``."""
+    if config.task not in TASKS:
+        raise ValueError(f"Unknown task {config.task!r}; expected one of {TASKS}.")
+    check_ids(predictions, references)
+    subsets = [r.subset for r in references]
+    if config.task == "reasoning":
+        vocabulary = vocabulary_of(config.grouping)
+        extractor = config.extractor or (lambda text: extract_emotion_words(text, vocabulary, config.scope))
+        pred_words, ref_words, rows = [], [], []
+        for ref in tqdm(references, desc="extracting emotion words", disable=None):
+            if ref.reference is None:
+                raise ValueError(f"Reference for id {ref.id!r} has no reference text or words (reasoning task).")
+            pred_words.append(_words(predictions[ref.id], extractor))
+            ref_words.append(_words(ref.reference, extractor))
+            accuracy, recall = sample_set_scores(pred_words[-1], ref_words[-1], config.grouping) or (None, None)
+            rows.append(
+                {
+                    "id": ref.id,
+                    "subset": ref.subset,
+                    "prediction_words": pred_words[-1],
+                    "reference_words": ref_words[-1],
+                    "accuracy": accuracy,
+                    "recall": recall,
+                }
+            )
+
+        def score_indices(indices: list[int]) -> dict[str, object]:
+            return set_level_scores([pred_words[i] for i in indices], [ref_words[i] for i in indices], config.grouping)
+
+    else:
+        parse = make_label_parser(config.parser, config.labels, grouping=config.grouping)
+        parsed, rows = [], []
+        for ref in tqdm(references, desc="parsing labels", disable=None):
+            if ref.label is None:
+                raise ValueError(f"Reference for id {ref.id!r} has no label (recognition task).")
+            text = predictions[ref.id]
+            if not isinstance(text, str):
+                raise ValueError(f"Prediction for id {ref.id!r} must be generated text for the recognition task.")
+            parsed.append(parse(text))
+            rows.append({"id": ref.id, "subset": ref.subset, "predicted_label": parsed[-1], "label": ref.label})
+
+        def score_indices(indices: list[int]) -> dict[str, object]:
+            labels = [references[i].label for i in indices]
+            return recognition_scores([parsed[i] for i in indices], labels, config.labels)
+
+    scores = scores_by_subset(subsets, score_indices)
+    result = {
+        "task": config.task,
+        "num_samples": len(references),
+        "scores": scores,
+        "gap": audio_video_gap(scores, METRICS[config.task]),
+        "settings": config.describe(),
+    }
+    return result, rows
+
+
+def _columns(result: Mapping[str, object]) -> list[tuple[str, tuple[str, ...]]]:
+    """(header, key path into ``result``) per table column."""
+    metrics = METRICS[result["task"]]
+    scores = result["scores"]
+    columns = []
+    if list(scores) == ["overall"] and result["task"] == "recognition":
+        for label in scores["overall"]["per_class_recall"]:
+            columns.append((label.capitalize(), ("scores", "overall", "per_class_recall", label)))
+    for subset in scores:
+        prefix = "" if list(scores) == ["overall"] else f"{_TITLES[subset]} "
+        columns += [(prefix + _HEADERS[m], ("scores", subset, m)) for m in metrics]
+    if result["gap"] is not None:
+        columns += [(f"Gap A-V {_HEADERS[m]}", ("gap", m)) for m in metrics]
+    return columns
+
+
+def markdown_table(rows: Sequence[tuple[str, Mapping[str, object]]]) -> str:
+    """A markdown table with one line per ``(name, result)``, scores in percent (the paper's style)."""
+    if not rows:
+        raise ValueError("No results to tabulate.")
+    headers = [header for header, _ in _columns(rows[0][1])]
+    lines = ["| Model | " + " | ".join(headers) + " |", "|---" * (len(headers) + 1) + "|"]
+    for name, result in rows:
+        columns = _columns(result)
+        if [header for header, _ in columns] != headers:
+            raise ValueError(f"Result {name!r} has different columns (task or subsets) from {rows[0][0]!r}.")
+        cells = [f"{100 * reduce(getitem, keys, result):{'+' if keys[0] == 'gap' else ''}.2f}" for _, keys in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_scores(rows: Sequence[tuple[str, Mapping[str, object]]], path: str | Path) -> None:
+    """PNG bar chart: one panel per metric, subsets on the x axis, one bar per ``(name, result)``."""
+    if not rows:
+        raise ValueError("No results to plot.")
+    task = rows[0][1]["task"]
+    subsets = list(rows[0][1]["scores"])
+    for name, result in rows:
+        if result["task"] != task or list(result["scores"]) != subsets:
+            raise ValueError(f"Result {name!r} has a different task or subsets from {rows[0][0]!r}.")
+    metrics = METRICS[task]
+    figure = Figure(figsize=(3.2 * len(metrics), 3.4), layout="constrained")
+    FigureCanvasAgg(figure)
+    width = 0.8 / len(rows)
+    for k, metric in enumerate(metrics):
+        axes = figure.add_subplot(1, len(metrics), k + 1)
+        for j, (name, result) in enumerate(rows):
+            values = [100 * result["scores"][s][metric] for s in subsets]
+            positions = [i + (j - (len(rows) - 1) / 2) * width for i in range(len(subsets))]
+            axes.bar_label(axes.bar(positions, values, width, label=name), fmt="%.1f", fontsize="x-small")
+        axes.set_xticks(range(len(subsets)), [_TITLES[s] for s in subsets], rotation=30, ha="right")
+        axes.set_ylim(0, 100)
+        axes.set_title(_HEADERS[metric])
+        axes.set_ylabel("%")
+    figure.axes[0].legend(fontsize="small")
+    figure.suptitle(f"{task} scores per subset")
+    figure.savefig(path, dpi=100)
+
+
+def write_report(
+    result: Mapping[str, object], rows: Sequence[Mapping[str, object]], out_dir: str | Path, name: str
+) -> dict[str, Path]:
+    """Write ``scores.json``, ``scores.md``, ``per_sample.jsonl`` and ``scores.png`` into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    names = {"json": "scores.json", "markdown": "scores.md", "per_sample": "per_sample.jsonl", "plot": "scores.png"}
+    paths = {kind: out / file_name for kind, file_name in names.items()}
+    paths["json"].write_text(json.dumps({"name": name, **result}, indent=2) + "\n", encoding="utf-8")
+    paths["markdown"].write_text(markdown_table([(name, result)]), encoding="utf-8")
+    write_jsonl(paths["per_sample"], rows)
+    plot_scores([(name, result)], paths["plot"])
+    return paths
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line options of the scoring mode."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--predictions", required=True, type=Path, help='JSONL of {"id", "prediction"}')
+    parser.add_argument("--references", required=True, type=Path, help='JSONL of {"id", "reference"|"label", "subset"}')
+    parser.add_argument("--out_dir", required=True, type=Path, help="for scores.json/.md/.png and per_sample.jsonl")
+    parser.add_argument("--task", choices=TASKS, default="reasoning")
+    parser.add_argument("--labels", default="mer2023", help="recognition label set: mer2023, dfew, merr or a,b,c")
+    parser.add_argument("--parser", choices=LABEL_PARSERS, default="emotion_llama", help="label parser (recognition)")
+    parser.add_argument("--grouping", type=Path, help="synonym mapping file (.csv or .json); default: built-in table")
+    parser.add_argument("--scope", choices=("conclusion", "all"), default="conclusion", help="emotion-word extraction")
+    parser.add_argument("--name", help="row name in the table (default: the predictions file name)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Score ``--predictions`` against ``--references``, print the table and write the report."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        grouping = load_grouping(args.grouping) if args.grouping else DEFAULT_GROUPING
+        config = ScoringConfig(
+            task=args.task,
+            labels=resolve_labels(args.labels),
+            parser=args.parser,
+            grouping=grouping,
+            grouping_source=str(args.grouping) if args.grouping else "default",
+            scope=args.scope,
+        )
+        references = load_references(args.references, args.task, config.labels)
+        predictions = load_predictions(args.predictions)
+        result, rows = score(predictions, references, config)
+    except (OSError, ValueError) as error:
+        parser.error(str(error))
+    skipped = [row["id"] for row in rows if args.task == "reasoning" and row["accuracy"] is None]
+    if skipped:
+        print(
+            f"warning: {len(skipped)} samples have no emotion word in their reference and are skipped "
+            f"(MER-OV convention): {_id_list(skipped)}",
+            file=sys.stderr,
+        )
+    name = args.name or args.predictions.stem
+    paths = write_report(result, rows, args.out_dir, name)
+    print(paths["markdown"].read_text(encoding="utf-8"), end="")
+    print(f"wrote {', '.join(str(p) for p in paths.values())}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
