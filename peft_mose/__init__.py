@@ -8,6 +8,7 @@ from ._registration import register as _register
 from .config import MoSEConfig, MoSEPeftType
 from .experts import EXPERTS
 from .layer import MoSELayer, MoSELinear
+from .layout import IGNORE_INDEX, SegmentRow, collate_rows, encode_segments, insert_embeddings, prompt_only
 from .modality import Modality, modality_ids_from_segments, validate_modality_ids
 from .model import MoSEModel
 from .tracking import ModalityTracker, TokenState
@@ -16,6 +17,7 @@ _register()
 
 __all__ = [
     "EXPERTS",
+    "IGNORE_INDEX",
     "Modality",
     "ModalityTracker",
     "MoSEConfig",
@@ -23,8 +25,13 @@ __all__ = [
     "MoSELinear",
     "MoSEModel",
     "MoSEPeftType",
+    "SegmentRow",
     "TokenState",
+    "collate_rows",
+    "encode_segments",
+    "insert_embeddings",
     "modality_ids_from_segments",
+    "prompt_only",
     "validate_modality_ids",
 ]
 __version__ = "0.1.0"

@@ -1,0 +1,150 @@
+"""Projector weights: initialisation from MiniGPT-v2 / Emotion-LLaMA ``.pth`` checkpoints, and our own safetensors.
+
+The original checkpoints are ``torch.save({"model": state_dict, "optimizer": ..., "config": ..., "epoch": ...})``
+where ``state_dict`` holds the trainable parameters of ``MiniGPTv2`` (``minigpt4/models/minigpt_v2.py``). Key mapping:
+
+================================  ===================  ==================================
+original key                      ours                 shape (real model)
+================================  ===================  ==================================
+``llama_proj.{weight,bias}``      ``eva_patch.*``      [4096, 5632], [4096]
+``cls_tk_llama_proj.*``           ``eva_cls.*``        [4096, 1408], [4096]
+``feats_llama_proj1.*``           ``face.*``           [4096, 1024], [4096]  (face MAE)
+``feats_llama_proj2.*``           ``video.*``          [4096, 1024], [4096]  (VideoMAE)
+``feats_llama_proj3.*``           ``audio.*``          [4096, 1024], [4096]  (HuBERT)
+================================  ===================  ==================================
+
+``minigptv2_checkpoint.pth`` holds only ``llama_proj``; the other four are then reported missing.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+ORIGINAL_TO_OURS = {
+    "llama_proj": "eva_patch",
+    "cls_tk_llama_proj": "eva_cls",
+    "feats_llama_proj1": "face",
+    "feats_llama_proj2": "video",
+    "feats_llama_proj3": "audio",
+}
+
+# Key prefixes the original checkpoints hold besides the projectors: known, never loaded.
+IGNORED_PREFIXES = {
+    "llama_model.": "LLM / LoRA adapter weights (MoSE replaces the LoRA adapter)",
+    "attention.": "MiniGPTBase's unused auxiliary classifier",
+    "visual_encoder.": "vision encoder (EVA features are pre-extracted)",
+    "ln_vision.": "vision layer norm (applied when extracting EVA features)",
+}
+
+
+@dataclass
+class ProjectorLoadReport:
+    """What :func:`load_projector_checkpoint` did: ``loaded`` / ``missing`` are our parameter names, ``unknown`` the
+    checkpoint keys it did not recognise, ``ignored`` the known non-projector keys counted per kind."""
+
+    path: Path
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unknown: list[str] = field(default_factory=list)
+    ignored: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        """True when every projector parameter was loaded and no key was unknown."""
+        return not self.missing and not self.unknown
+
+    def summary(self) -> str:
+        """A multi-line, human-readable account of the load."""
+        lines = [f"Projector checkpoint {self.path}: loaded {len(self.loaded)} tensors."]
+        if self.missing:
+            lines.append(f"  missing (left at their initial values): {', '.join(self.missing)}")
+        if self.unknown:
+            more = f", ... ({len(self.unknown)} in all)" if len(self.unknown) > 10 else ""
+            lines.append(f"  unknown keys (not loaded): {', '.join(self.unknown[:10])}{more}")
+        for kind, count in self.ignored.items():
+            lines.append(f"  ignored {count} keys: {kind}")
+        return "\n".join(lines)
+
+
+def read_original_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Load the state dict of an original ``.pth`` (``weights_only=True``): its ``"model"`` entry, or the file
+    itself when it is a flat state dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Projector checkpoint {path} does not exist.")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        culprit = next((line.strip() for line in str(err).splitlines() if "Unsupported global" in line), "")
+        raise ValueError(
+            f"Checkpoint {path} holds objects other than tensors and plain containers, which "
+            f"torch.load(weights_only=True) refuses to unpickle. Re-save only its state dict. {culprit}"
+        ) from None
+    state = obj.get("model", obj) if isinstance(obj, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        top = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+        raise ValueError(
+            f"Checkpoint {path} has no state dict: expected a 'model' entry of tensors (MiniGPT-v2 / Emotion-LLaMA) "
+            f"or a flat dict of tensors; found {top}."
+        )
+    return state
+
+
+def load_projector_checkpoint(
+    projectors: nn.Module, path: str | Path, strict: bool = False
+) -> ProjectorLoadReport:
+    """Initialise ``projectors`` from an original checkpoint and report what was loaded, missing, unknown or ignored.
+
+    A shape mismatch always raises ``ValueError``; with ``strict=True`` missing or unknown keys raise too.
+    """
+    path = Path(path)
+    state = read_original_state_dict(path)
+    own = projectors.state_dict()
+    report = ProjectorLoadReport(path=path)
+    mapped: dict[str, torch.Tensor] = {}
+    ignored: Counter[str] = Counter()
+    for key, tensor in state.items():
+        module, _, param = key.partition(".")
+        if module in ORIGINAL_TO_OURS and f"{ORIGINAL_TO_OURS[module]}.{param}" in own:
+            ours = f"{ORIGINAL_TO_OURS[module]}.{param}"
+            if tuple(tensor.shape) != tuple(own[ours].shape):
+                raise ValueError(
+                    f"Checkpoint {path}: {key} has shape {tuple(tensor.shape)}, but {ours} needs "
+                    f"{tuple(own[ours].shape)} (do the LLM hidden size and the feature dimensions match?)."
+                )
+            mapped[ours] = tensor
+            continue
+        kind = next((k for prefix, k in IGNORED_PREFIXES.items() if key.startswith(prefix)), None)
+        if kind is None:
+            report.unknown.append(key)
+        else:
+            ignored[kind] += 1
+    projectors.load_state_dict(mapped, strict=False)
+    report.loaded = sorted(mapped)
+    report.missing = sorted(set(own) - set(mapped))
+    report.ignored = dict(ignored)
+    if strict and not report.complete:
+        raise ValueError(report.summary())
+    return report
+
+
+def save_projectors(projectors: nn.Module, path: str | Path) -> Path:
+    """Save the projector weights as safetensors (our names)."""
+    path = Path(path)
+    save_file({k: v.detach().contiguous().cpu() for k, v in projectors.state_dict().items()}, str(path))
+    return path
+
+
+def load_projectors(projectors: nn.Module, path: str | Path) -> None:
+    """Load projector weights saved by :func:`save_projectors`; any missing, extra or mis-shaped key raises."""
+    try:
+        projectors.load_state_dict(load_file(str(path)), strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"Projector weights {path} do not match the projectors: {err}") from None
