@@ -173,3 +173,23 @@ def test_loading_without_import_names_the_missing_import(tmp_path, llama):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 3, done.stderr
     assert "MOSE" in done.stdout
+
+
+def test_layers_to_transform_and_exclude_modules_select_targets(llama):
+    only_second = get_peft_model(copy.deepcopy(llama), MoSEConfig(r=4, layers_to_transform=[1], layers_pattern="layers"))
+    assert sorted(m.layer_name for m in only_second.modules() if isinstance(m, MoSELayer)) == [
+        "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
+    no_v = get_peft_model(llama, MoSEConfig(r=4, target_modules=["q_proj", "v_proj"], exclude_modules=["v_proj"]))
+    assert all(m.layer_name.endswith("q_proj") for m in no_v.modules() if isinstance(m, MoSELayer))
+
+
+def test_modules_to_save_are_trained_saved_and_loaded(llama, tmp_path):
+    base = copy.deepcopy(llama)
+    model = get_peft_model(llama, MoSEConfig(**CFG, modules_to_save=["lm_head"])).eval()
+    with torch.no_grad():
+        model.base_model.model.lm_head.modules_to_save["default"].weight.add_(0.5)
+    assert model.base_model.model.lm_head.modules_to_save["default"].weight.requires_grad
+    model.save_pretrained(tmp_path)
+    assert any("lm_head" in k for k in load_file(tmp_path / "adapter_model.safetensors"))
+    loaded = PeftModel.from_pretrained(base, tmp_path).eval()
+    assert torch.equal(logits(loaded), logits(model))
