@@ -7,7 +7,13 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from peft_mose import Modality
 from peft_mose.layout import insert_embeddings, prompt_only
@@ -52,6 +58,12 @@ class EmotionLlama(nn.Module):
         self.projectors = projectors
         self.pad_token_id = pad_token_id
         self.llm_accepts_modality_ids = llm_accepts_modality_ids
+
+    @property
+    def config(self) -> PreTrainedConfig:
+        """The LLM's configuration: HF ``Trainer`` sets ``use_cache`` there, and its DeepSpeed integration sizes the
+        ``auto`` buckets from ``hidden_size``."""
+        return self.llm.config
 
     def build_inputs(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The keyword arguments for ``self.llm``: ``inputs_embeds``, ``attention_mask``, ``labels`` when the batch

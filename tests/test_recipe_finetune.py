@@ -1,0 +1,301 @@
+"""recipes/merr_finetune.py: the built-in default end to end, gradients, schedule, resume, bad arguments, and the
+DeepSpeed launches (one process; two ranks under ZeRO-3 over gloo)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft import get_peft_model_state_dict
+from recipe_helpers import tiny  # noqa: F401  (tiny is a fixture)
+from safetensors.torch import load_file
+
+from peft_mose import Modality
+from recipes import merr_finetune as finetune
+from recipes.emotion_llama.features import FeatureSpec
+from recipes.emotion_llama.model import load_tokenizer
+from recipes.emotion_llama.prompt import PromptEncoder
+from recipes.merr.collator import MERRCollator
+from recipes.merr.synthetic import SUBSETS
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "recipes" / "merr_finetune.py"
+# A few steps per stage: 2 epochs x 4 iterations, batch 4 (tiny default), checkpoints every 3 steps.
+SHORT = ["--iters_per_epoch", "4", "--num_train_epochs", "2", "--warmup_steps", "2", "--logging_steps", "1",
+         "--save_strategy", "steps", "--save_steps", "3", "--disable_tqdm", "true"]  # fmt: skip
+STEPS_PER_STAGE = 8
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """The built-in default with a short schedule: ``(output_dir, evaluation result)``."""
+    out = tmp_path_factory.mktemp("default_run")
+    return out, finetune.main(["--output_dir", str(out), *SHORT])
+
+
+def test_default_run_writes_adapter_projectors_config_and_table(default_run):
+    out, result = default_run
+    adapter_config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["peft_type"] == "MOSE" and adapter_config["r"] == 8
+    assert sorted(adapter_config["target_modules"]) == ["q_proj", "v_proj"]
+    adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert adapter and all(".mose_" in key for key in adapter)
+    projectors = load_file(str(out / "projectors.safetensors"))
+    assert sorted(projectors) == sorted(f"{p}.{w}" for p in ("eva_patch", "eva_cls", "face", "video", "audio")
+                                        for w in ("weight", "bias"))  # fmt: skip
+    assert (out / "coarse" / "adapter" / "adapter_model.safetensors").is_file()  # stage 1's result
+    assert (out / "coarse" / "projectors.safetensors").is_file()
+
+    config = json.loads((out / "run_config.json").read_text())
+    assert config["tiny_defaults"] == list(finetune.TINY_DEFAULTS)
+    assert [(s["name"], s["learning_rate"], s["tasks"]) for s in config["stages"]] == [
+        ("coarse", 3e-3, ["emotion", "reason"]),
+        ("fine", 1e-3, ["emotion", "reason_v2"]),
+    ]
+    assert config["training"]["weight_decay"] == 0.05 and config["training"]["iters_per_epoch"] == 4
+    assert Path(config["model_name_or_path"]) == out / "tiny" / "model"
+
+    assert list(result["scores"]) == [*SUBSETS, "overall"]
+    assert [result["scores"][s]["num_samples"] for s in (*SUBSETS, "overall")] == [20, 20, 20, 60]
+    assert all(0 <= result["scores"][s]["accuracy"] <= 1 for s in result["scores"])
+    saved = json.loads((out / "eval" / "scores.json").read_text())
+    assert saved["scores"] == result["scores"]
+    table = (out / "eval" / "scores.md").read_text()
+    assert "| Video-Aligned Acc. |" in table and table.count("\n") == 3
+    rows = [json.loads(line) for line in (out / "eval" / "per_sample.jsonl").read_text().splitlines()]
+    assert len(rows) == 60 and all(isinstance(r["prediction"], str) for r in rows)
+
+
+def test_checkpoints_hold_only_what_trains(default_run):
+    out, _ = default_run
+    for stage in ("coarse", "fine"):
+        checkpoints = sorted((out / stage).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        assert [c.name for c in checkpoints] == ["checkpoint-6", "checkpoint-8"]  # every 3 steps and the last; 2 kept
+        files = {p.name for p in checkpoints[-1].iterdir()}
+        assert {"adapter", "projectors.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json"} <= files
+        assert not files & {"model.safetensors", "pytorch_model.bin", "training_args.bin"}
+
+
+def test_reload_reproduces_the_trained_model_bit_identically(default_run):
+    out, _ = default_run
+    trained = finetune.load_trained(out)
+    batch, logits = finetune.read_reference_outputs(out / finetune.REFERENCE_FILE)
+    assert logits.shape[:2] == batch["input_ids"].shape
+    with torch.no_grad():
+        assert torch.equal(trained.model(**batch).logits, logits)
+    stage1 = finetune.load_trained(out, weights_dir=out / "coarse")  # a stage's result loads too, and differs
+    with torch.no_grad():
+        assert not torch.allclose(stage1.model(**batch).logits, logits)
+
+
+def test_schedule_and_weight_decay_groups(default_run):
+    out, _ = default_run
+    checkpoint = out / "coarse" / "checkpoint-6"
+    logged = [e["learning_rate"] for e in json.loads((checkpoint / "trainer_state.json").read_text())["log_history"]]
+    expected = [finetune.warmup_cosine_lr(step, 3e-3, 1e-6, 2, 1e-4, 4, 2) for step in range(6)]
+    assert logged == pytest.approx(expected, rel=1e-6)
+    assert expected[:3] == pytest.approx([1e-6, 1e-6 + (3e-3 - 1e-6) / 2, 3e-3])  # warm-up from 1e-6
+    groups = torch.load(checkpoint / "optimizer.pt", weights_only=True)["param_groups"]
+    trained = finetune.load_trained(out)
+    shapes = [p.shape for n, p in trained.model.named_parameters() if ".mose_" in n or n.startswith("projectors.")]
+    assert [g["weight_decay"] for g in groups] == [0.05, 0.0]
+    assert [len(g["params"]) for g in groups] == [sum(len(s) >= 2 for s in shapes), sum(len(s) < 2 for s in shapes)]
+
+
+def test_warmup_cosine_lr_follows_emotion_llama():
+    """Linear warm-up within epoch 0, then one cosine value per epoch (LAVIS's linear_warmup_cosine_lr)."""
+
+    def lr(step: int) -> float:
+        return finetune.warmup_cosine_lr(step, 2e-5, 1e-6, 1000, 1e-6, 1000, 30)
+
+    assert lr(0) == 1e-6 and lr(500) == pytest.approx((1e-6 + 2e-5) / 2) and lr(999) < 2e-5
+    assert lr(1000) == pytest.approx(1e-6 + 19e-6 * 0.5 * (1 + math.cos(math.pi / 30)))
+    assert lr(1000) == lr(1999) and lr(15000) == pytest.approx(1e-6 + 19e-6 / 2)
+    assert lr(29999) > 1e-6 and all(lr(e * 1000) > lr((e + 1) * 1000) for e in range(1, 29))
+    assert finetune.warmup_cosine_lr(7, 2e-5, 1e-6, 5, 1e-6, 100, 3) == 2e-5  # warm-up over, rest of epoch 0
+
+
+def test_projector_and_adapter_parameters_get_gradients(tiny):  # noqa: F811
+    spec = FeatureSpec.from_dir(tiny.data.root)
+    tokenizer = load_tokenizer(tiny.model_dir)
+    model_args = finetune.ModelArguments(model_name_or_path=str(tiny.model_dir), r=4, lora_dropout=0.0)
+    torch.manual_seed(0)
+    model = finetune.build_model(model_args, tiny.model_dir, spec, tokenizer)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".mose_" in n or n.startswith("projectors.") for n in trainable)
+    assert {n.split(".")[1] for n in trainable if n.startswith("projectors.")} == {
+        "eva_patch", "eva_cls", "face", "video", "audio"
+    }  # fmt: skip
+    assert {n.split(".mose_")[1].split(".")[0] for n in trainable if ".mose_" in n} >= {"A", "B", "gate", "router"}
+    stage = finetune.Stage("coarse", tiny.data.coarse_txt, ("emotion", "reason"), 1e-3)
+    dataset = finetune.stage_dataset(stage, tiny.data.root, skip_missing=False)
+    collate = MERRCollator(PromptEncoder(tokenizer, spec.n_patch_tokens))
+    optimizer = torch.optim.AdamW(trainable.values(), lr=1e-2)
+    for step in range(3):  # B starts at zero and the router's output layer too: A and f get gradients from step 2
+        optimizer.zero_grad()
+        model(**collate([dataset[(i, ("emotion", "reason")[i % 2], 0)] for i in range(step, step + 2)])).loss.backward()
+        if step < 2:
+            optimizer.step()
+    no_grad = [n for n, p in trainable.items() if p.grad is None or not bool(p.grad.abs().sum() > 0)]
+    assert not no_grad
+
+
+def test_audio_repeat_reaches_training_and_reloading(tmp_path):
+    argv = ["--stages", "fine", "--iters_per_epoch", "2", "--num_train_epochs", "1", "--warmup_steps", "1",
+            "--save_strategy", "no", "--eval_annotation", "none", "--audio_repeat", "5"]  # fmt: skip
+    finetune.main(["--output_dir", str(tmp_path), *argv])
+    batch, logits = finetune.read_reference_outputs(tmp_path / finetune.REFERENCE_FILE)
+    assert ((batch["modality_ids"] == Modality.AUDIO).sum(dim=1) == 5).all()
+    assert ((batch["modality_ids"] == Modality.VISUAL).sum(dim=1) == 259).all()
+    trained = finetune.load_trained(tmp_path)
+    assert trained.encoder.audio_repeat == 5 and trained.run_config["audio_repeat"] == 5
+    with torch.no_grad():
+        assert torch.equal(trained.model(**batch).logits, logits)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--learning_rate", "1e-4"], "--coarse_learning_rate"),
+        (["--lr_scheduler_type", "linear"], "not supported"),
+        (["--model_name_or_path", "llama"], "--data_root together"),
+        (["--data_root", "merr"], "--data_root together"),
+        (["--projector_checkpoint", "a.pth", "--init_from", "run"], "not both"),
+        (["--iters_per_epoch", "10", "--warmup_steps", "11"], "first epoch"),
+        (["--iters_per_epoch", "0"], "--iters_per_epoch must be >= 1"),
+        (["--fine_learning_rate", "0"], "--fine_learning_rate must be > 0"),
+        (["--audio_repeat", "0"], "--audio_repeat must be >= 1"),
+    ],
+)
+def test_bad_arguments_are_refused(argv, message):
+    with pytest.raises(ValueError, match=message):
+        finetune.check_args(*finetune.parse_args(["--output_dir", "unused", *argv]))
+
+
+def test_bad_stages_tasks_and_resume_paths_are_refused(tmp_path):
+    model_args, data_args, args = finetune.parse_args(["--output_dir", str(tmp_path), "--stages", "coarse,coarse"])
+    with pytest.raises(ValueError, match="each once"):
+        finetune.parse_stages(data_args, args, tmp_path)
+    _, data_args, _ = finetune.parse_args(["--stages", "fine", "--tasks", "emotion,sing"])
+    with pytest.raises(ValueError, match="known tasks"):
+        finetune.parse_stages(data_args, args, tmp_path)
+    stages = finetune.parse_stages(finetune.DataArguments(), args, tmp_path)
+    (tmp_path / "elsewhere" / "checkpoint-3").mkdir(parents=True)
+    with pytest.raises(ValueError, match="checkpoint folder of this run's stages"):
+        finetune.resume_stage(str(tmp_path / "elsewhere" / "checkpoint-3"), tmp_path, stages)
+    (tmp_path / "fine" / "checkpoint-3").mkdir(parents=True)
+    assert finetune.resume_stage(str(tmp_path / "fine" / "checkpoint-3"), tmp_path, stages) == 1
+    with pytest.raises(FileNotFoundError, match="holds no trained model"):
+        finetune.load_trained_weights(None, tmp_path)
+
+
+def test_resume_ends_in_the_state_of_the_uninterrupted_run(default_run, tmp_path, monkeypatch):
+    """Interrupted after 3 steps of stage coarse (``--max_steps 3``), resumed from checkpoint-3: the final model of
+    both stages equals the uninterrupted default run's, and the resumed run trains only the remaining steps."""
+    uninterrupted, _ = default_run
+    common = ["--output_dir", str(tmp_path), *SHORT, "--eval_annotation", "none"]
+    finetune.main([*common, "--stages", "coarse", "--max_steps", "3"])
+    steps = []
+    training_step = finetune.MoSETrainer.training_step
+
+    def counted_training_step(self, *args, **kwargs):
+        steps.append(self.state.global_step)
+        return training_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(finetune.MoSETrainer, "training_step", counted_training_step)
+    finetune.main([*common, "--resume_from_checkpoint", str(tmp_path / "coarse" / "checkpoint-3")])
+    assert steps == [*range(3, STEPS_PER_STAGE), *range(STEPS_PER_STAGE)]  # coarse from step 3, then all of fine
+    for path in ("coarse/projectors.safetensors", "adapter/adapter_model.safetensors", "projectors.safetensors"):
+        resumed, reference = load_file(str(tmp_path / path)), load_file(str(uninterrupted / path))
+        assert resumed.keys() == reference.keys()
+        for key in reference:
+            torch.testing.assert_close(resumed[key], reference[key], rtol=0, atol=1e-6, msg=f"{path}: {key}")
+
+
+# --- DeepSpeed launches (subprocesses on CPU) ---
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def extensions_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Where DeepSpeed compiles its CPU ops (about a minute, once): pytest's cache, so later sessions reuse them."""
+    if "TORCH_EXTENSIONS_DIR" in os.environ:
+        return os.environ["TORCH_EXTENSIONS_DIR"]
+    cache = getattr(request.config, "cache", None)
+    return str(cache.mkdir("torch_extensions") if cache is not None else tmp_path_factory.mktemp("torch_extensions"))
+
+
+def run_deepspeed(launcher_args: list[str], script_args: list[str], extensions_dir: str) -> subprocess.CompletedProcess:
+    """Run the script under the ``deepspeed`` launcher on CPU with its own port; afterwards remove the shared-memory
+    all-reduce buffers the run left in ``/dev/shm`` (they carry the port in their name)."""
+    port = _free_port()
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": extensions_dir}
+    deepspeed = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
+    command = [deepspeed, *launcher_args, "--master_port", str(port), str(SCRIPT), *script_args]
+    try:
+        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    finally:
+        for buffer in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+            buffer.unlink(missing_ok=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    return done
+
+
+def _assert_reload_matches(out: Path, atol: float) -> None:
+    trained = finetune.load_trained(out)
+    batch, logits = finetune.read_reference_outputs(out / finetune.REFERENCE_FILE)
+    with torch.no_grad():
+        torch.testing.assert_close(trained.model(**batch).logits, logits, rtol=0, atol=atol)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", [None, "zero2.json"])
+def test_deepspeed_launcher_one_process(tmp_path, extensions_dir, config):
+    """``deepspeed recipes/merr_finetune.py``: the default in one CPU process, as is and under the shipped ZeRO-2."""
+    with_config = ["--deepspeed", str(ROOT / "recipes" / "configs" / config)] if config else []
+    run_deepspeed([], ["--output_dir", str(tmp_path), *SHORT, *with_config], extensions_dir)
+    assert json.loads((tmp_path / "eval" / "scores.json").read_text())["scores"]["overall"]["num_samples"] == 60
+    checkpoint = tmp_path / "fine" / f"checkpoint-{STEPS_PER_STAGE}"
+    assert (checkpoint / "adapter" / "adapter_model.safetensors").is_file()
+    assert (checkpoint / f"global_step{STEPS_PER_STAGE}").is_dir() == bool(config)  # DeepSpeed's engine state
+    _assert_reload_matches(tmp_path, atol=1e-5)  # the subprocess ran with one thread, this one may use more
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_two_ranks_saves_real_shapes_that_reload(tmp_path, extensions_dir):
+    """Two ranks over gloo under ZeRO-3, every parameter partitioned: the gathered save has the real shapes and
+    reloads to the trained model's outputs."""
+    config = json.loads((ROOT / "recipes" / "configs" / "zero3.json").read_text())
+    config["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # else the tiny model is not partitioned
+    (tmp_path / "zero3.json").write_text(json.dumps(config))
+    out = tmp_path / "run"
+    # accelerate 1.15 makes every DeepSpeed rank on CPU believe it is the main process, so Trainer's own checkpoint
+    # writes would race; the recipe's own writes go through torch.distributed's rank.
+    script_args = ["--deepspeed", str(tmp_path / "zero3.json"), "--output_dir", str(out), *SHORT]
+    run_deepspeed(["--num_accelerators", "2"], [*script_args, "--save_strategy", "no"], extensions_dir)
+    run_config = json.loads((out / "run_config.json").read_text())
+    assert run_config["training"]["deepspeed"] == str(tmp_path / "zero3.json")
+
+    reference = finetune.load_trained(out).model  # shapes of a model built from the base and the adapter config
+    expected = {k: v.shape for k, v in get_peft_model_state_dict(reference.llm).items()}
+    adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert {k: v.shape for k, v in adapter.items()} == expected
+    assert all(v.numel() > 0 for v in adapter.values())
+    projectors = load_file(str(out / "projectors.safetensors"))
+    expected = {k: v.shape for k, v in reference.projectors.state_dict().items()}
+    assert {k: v.shape for k, v in projectors.items()} == expected
+    assert any(bool(v.abs().sum() > 0) for k, v in adapter.items() if k.endswith("mose_B"))  # trained, not the init
+    _assert_reload_matches(out, atol=1e-5)
