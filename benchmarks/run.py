@@ -111,8 +111,8 @@ def train_memory_bytes(model, inputs: dict, device: str) -> int:
         loss = model(**inputs).loss
     loss.backward()
     model.zero_grad(set_to_none=True)
-    frozen = {p.untyped_storage().data_ptr() for p in model.parameters() if not p.requires_grad}
-    activations = sum(n for ptr, n in storages.items() if ptr not in frozen)
+    weight_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}  # counted once, below
+    activations = sum(n for ptr, n in storages.items() if ptr not in weight_storages)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     return weights + activations + 3 * sum(p.numel() * p.element_size() for p in params)
 
