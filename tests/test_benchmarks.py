@@ -1,0 +1,55 @@
+"""Smoke tests of the benchmark scripts (no timing assertions: timings belong to benchmark runs, not tests)."""
+
+from __future__ import annotations
+
+import json
+import math
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def run_script(name: str, argv: list[str], monkeypatch) -> dict:
+    monkeypatch.setattr(sys, "argv", [name, *argv])
+    return runpy.run_path(str(BENCHMARKS / name), run_name="__main__")
+
+
+def test_quick_run_writes_every_ratio(tmp_path, monkeypatch):
+    out = tmp_path / "bench.json"
+    run_script("run.py", ["--quick", "--json", str(out)], monkeypatch)
+    report = json.loads(out.read_text())
+    assert set(report["ratios"]) >= {"mose_vs_lora_train_step", "mose_vs_lora_forward", "mose_vs_lora_peak_memory",
+                                     "naive_vs_fast_layer"}
+    assert all(math.isfinite(v) and v > 0 for v in report["ratios"].values())
+    assert report["visual_tokens"] == 259 and report["batch"] == 2
+
+
+def test_naive_layer_reference_equals_the_fast_layer(monkeypatch):
+    """The benchmark's naive loop computes the same layer as the fast path (else the ratio would be meaningless)."""
+    import torch
+
+    bench = runpy.run_path(str(BENCHMARKS / "run.py"))
+    models = bench["build_models"](bench["SHAPES"]["quick"], torch.float32, "cpu")
+    mods = bench["token_layout"](batch=2)
+    layer = next(m for m in models["mose"].modules() if isinstance(m, bench["MoSELayer"]))
+    x = torch.randn(2, mods.shape[1], layer.in_features)
+    tracker = models["mose"].base_model.tracker
+    with tracker.session(mods):
+        tracker._pre_hook(None, (), {"inputs_embeds": x})
+    with torch.no_grad():
+        out = layer(x)
+        lam = models["mose"].base_model.routing_stats()[layer.layer_name]["lambda"]
+        naive = layer.base_layer(x) + bench["naive_layer_delta"](layer, x, mods, lam)
+    torch.testing.assert_close(naive, out, rtol=1e-4, atol=1e-5)
+
+
+def test_parameter_count_adds_one_b_and_a_gate_per_expert():
+    bench = runpy.run_path(str(BENCHMARKS / "param_count.py"))
+    one, two = bench["count"](1), bench["count"](2)
+    targets, d, r = 32 * 2, 4096, 64
+    assert two["mose"] - one["mose"] == targets * 3 * (d * r + 2 * d)  # a B (d x r) per expert, gates appear at N=2
+    assert one["router"] == targets * (2 * (2 * d) + 2 + 2 + 1)
