@@ -1,0 +1,418 @@
+"""Attention reallocation inside a transformers model, through transformers' attention registry.
+
+:func:`attention_reallocation` switches a model to the attention implementation ``"mosear_<base>"`` (registered with
+``AttentionInterface`` and ``AttentionMaskInterface``), where ``<base>`` is the implementation the model had
+(``"sdpa"`` or ``"eager"``), and restores the previous one on exit. In the chosen layers, the registered function
+computes the rows that produce response tokens (each sample's last prompt position, every generated token)
+explicitly: their attention weights in float32, changed by :mod:`.functional`, times V. All other rows come from the
+base implementation, unchanged (the prefill keeps SDPA's kernels); a decode step, whose rows are all response rows,
+does not run the base at all, so AR reads the KV cache once, like the model without it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import operator
+import sys
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from ..modality import Modality, validate_modality_ids
+from ..tracking import ModalityTracker, TokenState
+from .diagnostics import ReallocationDiagnostics
+from .functional import (
+    _modality_mass,
+    _plan,
+    _reallocation_delta,
+    _stack_masks,
+    _totals,
+    amplify_visual_logits,
+    amplify_visual_weights,
+    check_alpha,
+    check_tau,
+)
+
+STRATEGIES = ("ar", "pai")
+PAI_MODES = ("logits", "weights")
+ROW_MODES = ("response", "all")
+BASE_IMPLEMENTATIONS = ("sdpa", "eager")
+PREFIX = "mosear_"
+
+
+@dataclass(frozen=True)
+class ReallocationSettings:
+    """What the attention backend does; built and validated by :func:`attention_reallocation`."""
+
+    strategy: str
+    tau: float
+    alpha: float
+    pai_mode: str
+    rows: str
+    layers: frozenset[int]
+
+
+@dataclass
+class AttentionReallocation:
+    """Yielded by :func:`attention_reallocation`: its settings and, with ``record=True``, the diagnostics."""
+
+    settings: ReallocationSettings
+    diagnostics: ReallocationDiagnostics | None
+
+
+@dataclass
+class _Active:
+    settings: ReallocationSettings
+    tracker: ModalityTracker
+    diagnostics: ReallocationDiagnostics | None
+
+
+# Attention modules of the models inside an `attention_reallocation` block, and what to do in them.
+_ACTIVE: weakref.WeakKeyDictionary[nn.Module, _Active] = weakref.WeakKeyDictionary()
+
+
+@dataclass
+class _Rows:
+    """Query rows of one call, padded to the same count per sample: ``index`` ``[batch, r]`` (``None``: all rows
+    in order) and ``ok`` ``[batch, r]`` (False for padding entries; ``all_ok`` if there are none)."""
+
+    index: Tensor | None
+    ok: Tensor
+    all_ok: bool
+
+
+@dataclass
+class _Layout:
+    """Per-forward modality layout over the ``k_len`` keys of the attention call, memoised in ``TokenState.cache``."""
+
+    modality_ids: Tensor
+    valid: Tensor
+    visual: Tensor
+    audio: Tensor
+    masks: Tensor
+    rows: _Rows | None
+    first: _Rows | None
+
+
+def _select_rows(selected: Tensor) -> _Rows | None:
+    """The True positions of ``selected`` ``[batch, q_len]``, or ``None`` if there are none."""
+    counts = selected.sum(1)
+    count = int(counts.max()) if selected.numel() else 0
+    if count == 0:
+        return None
+    all_ok = bool((counts == count).all())
+    if count == selected.shape[1]:
+        return _Rows(index=None, ok=selected, all_ok=all_ok)
+    # A stable sort puts each sample's selected rows first; the distinct unselected rows after them pad the count.
+    index = torch.sort(selected.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :count]
+    return _Rows(index=index, ok=selected.gather(1, index), all_ok=all_ok)
+
+
+def _layout(state: TokenState, batch: int, q_len: int, k_len: int, rows: str, record: bool) -> _Layout:
+    key = ("ar", rows, record, k_len)
+    if key in state.cache:
+        return state.cache[key]
+    total = state.past_length + state.new_length
+    if state.batch_size != batch or state.new_length != q_len or total > k_len:
+        raise ValueError(
+            f"Attention reallocation expected {state.new_length} query rows over {total} positions for batch "
+            f"{state.batch_size}, got an attention call with batch {batch}, {q_len} queries and {k_len} keys "
+            "(sliding-window caches and attention over other sequences are not supported)."
+        )
+    pad = k_len - total
+    ids = nn.functional.pad(state.modality_ids, (0, pad), value=int(Modality.TEXT))
+    valid = nn.functional.pad(state.valid, (0, pad), value=False)
+    visual = valid & (ids == int(Modality.VISUAL))
+    audio = valid & (ids == int(Modality.AUDIO))
+    selected = state.valid if rows == "all" else state.response_rows
+    first = state.response_rows & (state.modality_ids != int(Modality.ANSWER)) if record else None
+    layout = _Layout(
+        modality_ids=ids,
+        valid=valid,
+        visual=visual,
+        audio=audio,
+        masks=_stack_masks(visual, audio),
+        rows=_select_rows(state.new(selected)),
+        first=_select_rows(state.new(first)) if record else None,
+    )
+    state.cache[key] = layout
+    return layout
+
+
+def _gather_rows(tensor: Tensor, rows: _Rows) -> Tensor:
+    """Rows ``rows.index`` of dim 2 of ``[batch, x, q_len, y]`` (a size-1 batch is broadcast)."""
+    if rows.index is None:
+        return tensor
+    batch = rows.index.shape[0]
+    tensor = tensor.expand(batch, *tensor.shape[1:])
+    index = rows.index[:, None, :, None].expand(batch, tensor.shape[1], -1, tensor.shape[-1])
+    return tensor.gather(2, index)
+
+
+def _row_logits(
+    module: nn.Module, query: Tensor, key: Tensor, mask: Tensor | None, scaling: float | None, rows: _Rows,
+    is_causal: bool | None,
+) -> tuple[Tensor, Tensor | None]:
+    """Scaled scores ``[batch, heads, r, k_len]`` of the chosen rows (float32) and the additive mask of those rows
+    (float32, broadcastable, or ``None``), computed as eager attention does, without repeating the KV heads."""
+    batch, heads, q_len, dim = query.shape
+    kv_heads, k_len = key.shape[1], key.shape[2]
+    q = _gather_rows(query, rows)
+    r = q.shape[2]
+    scale = scaling if scaling is not None else dim**-0.5
+    scores = (q * scale).reshape(batch, kv_heads, (heads // kv_heads) * r, dim) @ key.transpose(-1, -2)
+    scores = scores.view(batch, heads, r, k_len).float()
+    if mask is None:
+        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        if not causal or q_len == 1:
+            return scores, None
+        # SDPA's `is_causal` (used when the mask is skipped) aligns the causal mask to the top left.
+        positions = rows.index if rows.index is not None else torch.arange(q_len, device=query.device)[None]
+        allowed = (torch.arange(k_len, device=query.device) <= positions[..., None]).unsqueeze(1)
+    elif mask.dtype == torch.bool:
+        allowed = _gather_rows(mask, rows)
+    else:
+        return scores, _gather_rows(mask, rows).float()
+    return scores, torch.where(allowed, 0.0, -math.inf)
+
+
+def _new_weights(settings: ReallocationSettings, scores: Tensor, bias: Tensor | None, weights: Tensor,
+                 layout: _Layout) -> Tensor:
+    """The rows' float32 weights under ``settings``' strategy (``weights`` itself when AR changes nothing; that is
+    checked only on CPU, where it is cheaper than the work it saves, while on GPUs it would sync every layer)."""
+    if settings.strategy == "ar":
+        check = weights.device.type == "cpu"
+        visual_mass, audio_mass = _modality_mass(weights, layout.masks)
+        c = _totals(visual_mass, audio_mass)[2]
+        if check and not bool((c > settings.tau).any()):
+            return weights
+        plan = _plan(visual_mass, audio_mass, c, settings.tau)
+        if check and not bool(plan.biased.any()):
+            return weights
+        return weights + _reallocation_delta(weights, layout.masks, plan)
+    if settings.pai_mode == "weights":
+        return amplify_visual_weights(weights, layout.visual, settings.alpha)
+    boosted = amplify_visual_logits(scores, layout.visual, settings.alpha)
+    return torch.softmax(boosted if bias is None else boosted + bias, dim=-1)
+
+
+def _row_weights(module: nn.Module, query: Tensor, key: Tensor, mask: Tensor | None, scaling: float | None,
+                 rows: _Rows, kwargs: dict) -> tuple[Tensor, Tensor | None, Tensor]:
+    scores, bias = _row_logits(module, query, key, mask, scaling, rows, kwargs.get("is_causal"))
+    weights = torch.softmax(scores if bias is None else scores + bias, dim=-1)
+    return scores, bias, weights
+
+
+def _put_rows(full: Tensor, rows: _Rows, new: Tensor, dim: int) -> Tensor:
+    """``full`` with its rows ``rows.index`` along ``dim`` replaced by ``new`` where ``rows.ok`` (out of place)."""
+    shape = [1] * full.dim()
+    shape[0], shape[dim] = rows.ok.shape
+    ok = rows.ok.reshape(shape)
+    if rows.index is None:
+        return torch.where(ok, new, full)
+    index = rows.index.reshape(shape).expand(new.shape)
+    return full.scatter(dim, index, torch.where(ok, new, full.gather(dim, index)))
+
+
+def _attend(
+    active: _Active, base: str, module: nn.Module, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None,
+    scaling: float | None, dropout: float, kwargs: dict,
+) -> tuple[Tensor, Tensor | None]:
+    """Base attention for every row except the chosen rows of the chosen layers, which get explicit float32
+    attention weights changed by the strategy. When every row is chosen (decoding), the base is not run at all."""
+    base_function = _base_function(base, module)
+    settings, state = active.settings, active.tracker.state
+    apply = module.layer_idx in settings.layers and (settings.tau != math.inf or settings.strategy != "ar")
+    record = active.diagnostics is not None
+    if state is None or not (apply or record):
+        return base_function(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
+    if dropout > 0:
+        raise ValueError("Attention reallocation is an inference-time method; call model.eval() (dropout > 0).")
+    layout = _layout(state, query.shape[0], query.shape[2], key.shape[2], settings.rows, record)
+
+    if record and layout.first is not None:
+        scores, bias, before = _row_weights(module, query, key, mask, scaling, layout.first, kwargs)
+        after = _new_weights(settings, scores, bias, before, layout) if apply else before
+        active.diagnostics.record(
+            module.layer_idx, before[:, :, 0], after[:, :, 0], layout.visual, layout.audio, layout.first.ok[:, 0],
+            layout.modality_ids, layout.valid,
+        )
+
+    rows = layout.rows
+    if not apply or rows is None:
+        return base_function(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
+    scores, bias, weights = _row_weights(module, query, key, mask, scaling, rows, kwargs)
+    new = _new_weights(settings, scores, bias, weights, layout)
+    batch, heads, r, k_len = new.shape
+    kv_heads, dim = value.shape[1], value.shape[-1]
+    new_weights = new.to(value.dtype)
+    row_output = (new_weights.view(batch, kv_heads, -1, k_len) @ value).view(batch, heads, r, dim).transpose(1, 2)
+    if rows.index is None and rows.all_ok:
+        return row_output.contiguous(), (new_weights if base == "eager" else None)
+    output, weights_out = base_function(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
+    output = _put_rows(output, rows, row_output, dim=1)
+    if weights_out is not None:
+        weights_out = _put_rows(weights_out, rows, new.to(weights_out.dtype), dim=2)
+    return output, weights_out
+
+
+@functools.cache
+def _eager_function(module_class: type) -> Callable:
+    """The eager attention function of the modeling file that defines ``module_class``."""
+    function = getattr(sys.modules.get(module_class.__module__), "eager_attention_forward", None)
+    if function is None:
+        raise ValueError(
+            f"Attention reallocation on 'eager' needs `eager_attention_forward` in {module_class.__module__}, which "
+            f"defines {module_class.__name__}; call model.set_attn_implementation('sdpa') first."
+        )
+    return function
+
+
+def _base_function(base: str, module: nn.Module) -> Callable:
+    return ALL_ATTENTION_FUNCTIONS["sdpa"] if base == "sdpa" else _eager_function(type(module))
+
+
+def _make_attention(base: str) -> Callable:
+    def attention(
+        module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+        scaling: float | None = None, dropout: float = 0.0, **kwargs: Any,
+    ) -> tuple[Tensor, Tensor | None]:
+        active = _ACTIVE.get(module)
+        if active is None:
+            return _base_function(base, module)(
+                module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+            )
+        return _attend(active, base, module, query, key, value, attention_mask, scaling, dropout, kwargs)
+
+    attention.__name__ = f"{PREFIX}{base}_attention"
+    return attention
+
+
+for _base, _mask in (("sdpa", sdpa_mask), ("eager", eager_mask)):
+    AttentionInterface.register(PREFIX + _base, _make_attention(_base))
+    AttentionMaskInterface.register(PREFIX + _base, _mask)
+
+
+def _transformers_model(model: nn.Module) -> nn.Module:
+    """The transformers model of ``model`` (``get_base_model()`` of a PEFT model)."""
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not hasattr(target, "set_attn_implementation"):
+        raise ValueError(
+            f"Attention reallocation needs a transformers PreTrainedModel (or a PEFT model of one), got "
+            f"{type(model).__name__}."
+        )
+    return target
+
+
+def _attention_modules(target: nn.Module) -> dict[nn.Module, int]:
+    """The modules of the language decoder that carry a ``layer_idx``."""
+    decoder = target.get_decoder() if hasattr(target, "get_decoder") else target
+    modules = {m: m.layer_idx for m in decoder.modules() if isinstance(getattr(m, "layer_idx", None), int)}
+    if not modules:
+        raise ValueError(f"Found no attention layers (modules with `layer_idx`) in {type(target).__name__}.")
+    return modules
+
+
+def _check_layers(layers: Iterable[int] | None, num_layers: int) -> frozenset[int]:
+    if layers is None:
+        return frozenset(range(num_layers))
+    chosen = []
+    for value in layers:
+        try:
+            layer = operator.index(value)
+        except TypeError:
+            layer = None
+        if layer is None or isinstance(value, bool):
+            raise ValueError(f"`layers` must hold layer indices (int), got {value!r}.")
+        if not 0 <= layer < num_layers:
+            raise ValueError(
+                f"Layer index {layer} is out of range: the model has {num_layers} layers (0-{num_layers - 1})."
+            )
+        chosen.append(layer)
+    if not chosen:
+        raise ValueError("`layers` is empty; pass None for every layer.")
+    return frozenset(chosen)
+
+
+def _choice(value: str, options: tuple[str, ...], name: str) -> str:
+    if value not in options:
+        raise ValueError(f"Unknown {name} {value!r}; expected one of {list(options)}.")
+    return value
+
+
+@contextlib.contextmanager
+def attention_reallocation(
+    model: nn.Module,
+    modality_ids: Tensor | None = None,
+    *,
+    tau: float = 1.0,
+    strategy: str = "ar",
+    layers: Iterable[int] | None = None,
+    rows: str = "response",
+    alpha: float = 0.5,
+    pai_mode: str = "logits",
+    record: bool = False,
+) -> Iterator[AttentionReallocation]:
+    """Reallocate attention in ``model`` (transformers or PEFT/MoSE) inside the block; restore it on exit.
+
+    ``modality_ids`` ``[batch, prompt_len]`` describe the prompt of every ``generate`` or forward in the block (or
+    pass them to the forward / the MoSE model's ``generate``). ``strategy`` is ``"ar"`` (MoSEAR, threshold ``tau``)
+    or ``"pai"`` (factor ``alpha``, ``pai_mode`` ``"logits"`` or ``"weights"``); ``layers`` restricts it to some
+    layer indices; ``rows="all"`` applies it to every query row instead of the response rows; ``record=True`` fills
+    ``.diagnostics`` for the first response token.
+    """
+    target = _transformers_model(model)
+    modules = _attention_modules(target)
+    num_layers = max(modules.values()) + 1
+    settings = ReallocationSettings(
+        strategy=_choice(strategy, STRATEGIES, "strategy"),
+        tau=check_tau(tau),
+        alpha=check_alpha(alpha),
+        pai_mode=_choice(pai_mode, PAI_MODES, "pai_mode"),
+        rows=_choice(rows, ROW_MODES, "rows"),
+        layers=_check_layers(layers, num_layers),
+    )
+    if modality_ids is not None:
+        validate_modality_ids(modality_ids)
+    previous = target.config._attn_implementation
+    base = previous.removeprefix(PREFIX)
+    if base not in BASE_IMPLEMENTATIONS:
+        raise ValueError(
+            f"Attention reallocation runs on top of {list(BASE_IMPLEMENTATIONS)} attention, but the model uses "
+            f"{previous!r}; call model.set_attn_implementation('sdpa') first."
+        )
+    if base == "eager":
+        for module in modules:
+            _eager_function(type(module))
+
+    described = {**settings.__dict__, "layers": sorted(settings.layers)}
+    diagnostics = ReallocationDiagnostics(settings=described) if record else None
+    tracker = ModalityTracker.attach(target)
+    saved = {module: _ACTIVE.get(module) for module in modules}
+    try:
+        for module in modules:
+            _ACTIVE[module] = _Active(settings=settings, tracker=tracker, diagnostics=diagnostics)
+        target.set_attn_implementation(PREFIX + base)
+        if target.config._attn_implementation != PREFIX + base:
+            raise ValueError(f"{type(target).__name__} cannot switch its attention implementation at run time.")
+        session = tracker.session(modality_ids, generate=True) if modality_ids is not None else contextlib.nullcontext()
+        with session:
+            yield AttentionReallocation(settings=settings, diagnostics=diagnostics)
+    finally:
+        if target.config._attn_implementation != previous:
+            target.set_attn_implementation(previous)
+        for module, entry in saved.items():
+            if entry is None:
+                _ACTIVE.pop(module, None)
+            else:
+                _ACTIVE[module] = entry
+        tracker.detach(target)

@@ -1,0 +1,222 @@
+"""Collect the first-response-token diagnostics of a model on a batch and draw them like the paper's Fig. 3(a)-(b).
+
+Command line (writes ``diagnostics.json``, ``uap_per_layer.png`` and one ``token_weights_sample<b>.png`` per
+sample)::
+
+    python -m peft_mose.attention.plot MODEL_DIR BATCH_FILE --out plots/ [--adapter ADAPTER_DIR]
+        [--strategy ar|pai] [--tau 1.0] [--alpha 0.5] [--pai-mode logits|weights] [--layers 8:24]
+
+``BATCH_FILE`` is a ``torch.save``-d dict (``.pt``) or a JSON object with ``modality_ids`` and ``input_ids`` or
+``inputs_embeds`` (and optionally ``attention_mask``), all ``[batch, seq]`` (embeddings ``[batch, seq, hidden]``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+from torch import Tensor, nn
+
+from ..modality import Modality
+from .backend import attention_reallocation
+from .diagnostics import ReallocationDiagnostics
+
+COLORS = {
+    Modality.VISUAL: "tab:blue", Modality.AUDIO: "tab:orange", Modality.TEXT: "tab:gray", Modality.ANSWER: "tab:green"
+}
+
+
+def middle_layers(num_layers: int, fraction: float = 0.5) -> list[int]:
+    """The central ``fraction`` of ``num_layers`` layer indices, e.g. 8-23 of 32 (rounded up to stay centred)."""
+    if num_layers < 1 or not 0 < fraction <= 1:
+        raise ValueError(f"Need num_layers >= 1 and 0 < fraction <= 1, got {num_layers} and {fraction}.")
+    count = max(1, round(num_layers * fraction))
+    count += (num_layers - count) % 2
+    start = (num_layers - count) // 2
+    return list(range(start, start + count))
+
+
+def collect_diagnostics(
+    model: nn.Module,
+    modality_ids: Tensor,
+    *,
+    input_ids: Tensor | None = None,
+    inputs_embeds: Tensor | None = None,
+    attention_mask: Tensor | None = None,
+    **options: Any,
+) -> ReallocationDiagnostics:
+    """Run one forward of the prompt under :func:`attention_reallocation` (``options`` are its keywords) and return
+    the statistics of the row that produces the first response token, for every layer."""
+    with torch.no_grad(), attention_reallocation(model, modality_ids, record=True, **options) as run:
+        model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask)
+    return run.diagnostics
+
+
+def _uap_figure(diagnostics: ReallocationDiagnostics) -> Figure:
+    layers = sorted(diagnostics.layers)
+    x = np.arange(len(layers), dtype=float)
+    mean = {name: diagnostics.stacked(name).nanmean(1).numpy() for name in
+            ("uap_visual", "uap_audio", "uap_visual_after", "uap_audio_after", "layer_ratio", "heads_changed")}
+    changed = mean["heads_changed"] > 0
+    fig = Figure(figsize=(max(6.0, 0.45 * len(layers) + 2), 6.5))
+    top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [2, 1]})
+    width = 0.4
+    top.bar(x - width / 2, mean["uap_visual"], width, color=COLORS[Modality.VISUAL], label="UAP$_v$")
+    top.bar(x + width / 2, mean["uap_audio"], width, color=COLORS[Modality.AUDIO], label="UAP$_a$")
+    if changed.any():
+        for offset, name, label in ((-1, "uap_visual_after", "UAP$_v$ after"), (1, "uap_audio_after", "UAP$_a$ after")):
+            top.bar(x[changed] + offset * width / 2, mean[name][changed], width, fill=False, hatch="//",
+                    edgecolor="black", label=label)
+    top.set_ylabel("unimodal attention proportion")
+    top.set_title(f"First response token, mean over {diagnostics.stacked('uap_visual').shape[1]} sample(s)")
+    top.legend(fontsize="small")
+    bottom.plot(x, mean["layer_ratio"], "o-", color="black", label="c (Eq. 6)")
+    tau = diagnostics.settings.get("tau", math.inf)
+    if diagnostics.settings.get("strategy") == "ar" and math.isfinite(tau):
+        bottom.axhline(tau, color="red", linestyle="--", label=f"τ = {tau:g}")
+    bottom.set_ylabel("audio / visual ratio c")
+    heads = bottom.twinx()
+    heads.bar(x, mean["heads_changed"], 0.6, color="tab:purple", alpha=0.3, label="heads changed")
+    heads.set_ylabel("heads changed (mean)")
+    heads.set_ylim(0, max(1.0, float(np.nanmax(mean["heads_changed"], initial=0.0)) * 1.15))
+    bottom.set_xticks(x, [str(i) for i in layers])
+    bottom.set_xlabel("layer")
+    lines, labels = bottom.get_legend_handles_labels()
+    more, more_labels = heads.get_legend_handles_labels()
+    bottom.legend(lines + more, labels + more_labels, fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def _token_figure(diagnostics: ReallocationDiagnostics, sample: int, layers: Sequence[int]) -> Figure:
+    valid = diagnostics.valid[sample]
+    modality = diagnostics.modality_ids[sample][valid]
+    position = torch.arange(valid.numel())[valid]
+    panels = [("before", "token_weights")]
+    if any(bool(diagnostics.layers[i].heads_changed[sample] > 0) for i in layers):
+        panels.append((f"after {diagnostics.settings.get('strategy', '').upper()}", "token_weights_after"))
+    fig = Figure(figsize=(10, 2.6 * len(panels) + 0.6))
+    axes = fig.subplots(len(panels), 1, sharex=True, sharey=True, squeeze=False)[:, 0]
+    colors = [COLORS[Modality(int(m))] for m in modality]
+    contiguous = list(layers) == list(range(layers[0], layers[-1] + 1))
+    span = f"{layers[0]}-{layers[-1]}" if contiguous else ", ".join(map(str, layers))
+    for ax, (title, name) in zip(axes, panels):
+        weights = torch.stack([getattr(diagnostics.layers[i], name)[sample] for i in layers]).mean(0)[valid]
+        ax.bar(position.tolist(), weights.clamp_min(1e-12).tolist(), width=1.0, color=colors)
+        ax.set_yscale("log")
+        ax.set_ylabel("attention weight")
+        ax.set_title(f"Sample {sample}, {title}, mean over layers {span} and heads", fontsize="medium")
+    handles = [Patch(color=c, label=m.name.lower()) for m, c in COLORS.items() if bool((modality == m).any())]
+    axes[0].legend(handles=handles, fontsize="small")
+    axes[-1].set_xlabel("token position")
+    fig.tight_layout()
+    return fig
+
+
+def plot_diagnostics(
+    diagnostics: ReallocationDiagnostics,
+    out_dir: str | Path,
+    *,
+    samples: Sequence[int] | None = None,
+    token_layers: Sequence[int] | None = None,
+) -> list[Path]:
+    """Write ``uap_per_layer.png`` (Fig. 3(a): per-layer UAP bars, c and heads changed) and, for each sample,
+    ``token_weights_sample<b>.png`` (Fig. 3(b): per-token weights averaged over ``token_layers``, default the middle
+    half of the recorded layers). Returns the paths."""
+    if not diagnostics.layers:
+        raise ValueError("No layer was recorded: run a forward or generate inside the block with record=True.")
+    recorded = sorted(diagnostics.layers)
+    layers = sorted(token_layers) if token_layers is not None else [recorded[i] for i in middle_layers(len(recorded))]
+    missing = sorted(set(layers) - set(recorded))
+    if missing:
+        raise ValueError(f"`token_layers` {missing} were not recorded; recorded layers: {recorded}.")
+    batch = diagnostics.modality_ids.shape[0]
+    samples = list(range(batch)) if samples is None else list(samples)
+    if any(not 0 <= b < batch for b in samples):
+        raise ValueError(f"`samples` must be in 0-{batch - 1}, got {samples}.")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "uap_per_layer.png"]
+    _uap_figure(diagnostics).savefig(paths[0], dpi=120)
+    for b in samples:
+        paths.append(out / f"token_weights_sample{b}.png")
+        _token_figure(diagnostics, b, layers).savefig(paths[-1], dpi=120)
+    return paths
+
+
+def load_batch(path: str | Path) -> dict[str, Tensor]:
+    """Read a batch file (``.pt`` dict or ``.json`` object) into tensors; ``ValueError`` if a key is missing."""
+    path = Path(path)
+    if path.suffix == ".json":
+        raw = json.loads(path.read_text())
+        batch = {
+            k: torch.tensor(v, dtype=torch.float32 if k == "inputs_embeds" else torch.long) for k, v in raw.items()
+        }
+    else:
+        batch = torch.load(path, weights_only=True)
+    if "modality_ids" not in batch or not ({"input_ids", "inputs_embeds"} & set(batch)):
+        raise ValueError(f"{path} must hold `modality_ids` and `input_ids` or `inputs_embeds`; found {sorted(batch)}.")
+    unknown = set(batch) - {"modality_ids", "input_ids", "inputs_embeds", "attention_mask"}
+    if unknown:
+        raise ValueError(f"{path} has unknown keys {sorted(unknown)}.")
+    return batch
+
+
+def _parse_layers(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    if ":" in text:
+        start, stop = text.split(":")
+        return list(range(int(start), int(stop)))
+    return [int(part) for part in text.split(",")]
+
+
+def main(argv: Sequence[str] | None = None) -> list[Path]:
+    """Command-line entry point; returns the written paths."""
+    parser = argparse.ArgumentParser(prog="python -m peft_mose.attention.plot", description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", help="transformers model directory (or hub id available offline)")
+    parser.add_argument("batch", help="batch file (.pt or .json) with modality_ids and input_ids / inputs_embeds")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--adapter", help="PEFT adapter directory (e.g. a saved MoSE adapter) to load on the model")
+    parser.add_argument("--strategy", default="ar", choices=["ar", "pai"])
+    parser.add_argument("--tau", type=float, default=1.0)
+    parser.add_argument("--alpha", type=float, default=0.5)
+    parser.add_argument("--pai-mode", default="logits", choices=["logits", "weights"])
+    parser.add_argument("--layers", help="layers to intervene on: 'start:stop' or 'i,j,k' (default all)")
+    parser.add_argument("--token-layers", help="layers averaged in the per-token plot (default the middle half)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    args = parser.parse_args(argv)
+
+    batch = load_batch(args.batch)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).eval()
+    if args.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, args.adapter).eval()
+    if "inputs_embeds" in batch:
+        batch["inputs_embeds"] = batch["inputs_embeds"].to(getattr(torch, args.dtype))
+    diagnostics = collect_diagnostics(
+        model, batch.pop("modality_ids"), **batch, strategy=args.strategy, tau=args.tau, alpha=args.alpha,
+        pai_mode=args.pai_mode, layers=_parse_layers(args.layers),
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [diagnostics.save_json(out / "diagnostics.json")]
+    paths += plot_diagnostics(diagnostics, out, token_layers=_parse_layers(args.token_layers))
+    for path in paths:
+        print(path)
+    return paths
+
+
+if __name__ == "__main__":
+    main()
