@@ -7,8 +7,11 @@ Scoring an existing predictions file (no model needed)::
     python recipes/evaluate.py --predictions preds.jsonl --references refs.jsonl --out_dir out/eval \\
         --task recognition --labels mer2023 --parser robust
 
-File formats: ``docs/evaluation.md``. A model-running mode calls :func:`score` and :func:`write_report` with the
-predictions it generates.
+Generating with a run of ``recipes/merr_finetune.py``, with and without attention reallocation (PAI for comparison)::
+
+    python recipes/evaluate.py --task recognition --run_dir out/merr --out_dir out/eval --strategies none,ar,pai
+
+File formats: ``docs/evaluation.md``.
 """
 
 from __future__ import annotations
@@ -349,9 +352,18 @@ def write_report(
 def build_parser() -> argparse.ArgumentParser:
     """Command-line options of the scoring mode."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--predictions", required=True, type=Path, help='JSONL of {"id", "prediction"}')
-    parser.add_argument("--references", required=True, type=Path, help='JSONL of {"id", "reference"|"label", "subset"}')
+    parser.add_argument("--predictions", type=Path, help='JSONL of {"id", "prediction"}')
+    parser.add_argument("--references", type=Path, help='JSONL of {"id", "reference"|"label", "subset"}')
     parser.add_argument("--out_dir", required=True, type=Path, help="for scores.json/.md/.png and per_sample.jsonl")
+    model = parser.add_argument_group("model-running mode (instead of --predictions/--references)")
+    model.add_argument("--run_dir", type=Path, help="output folder of recipes/merr_finetune.py to generate with")
+    model.add_argument("--annotation", type=Path, help="MERR annotation .txt to evaluate (default: the run's test split)")
+    model.add_argument("--strategies", default="none,ar", help="comma-separated: none, ar, pai (one table row each)")
+    model.add_argument("--tau", type=float, default=1.0, help="AR threshold")
+    model.add_argument("--alpha", type=float, default=0.5, help="PAI amplification")
+    model.add_argument("--layers", help="comma-separated layer indices for AR/PAI (default: all)")
+    model.add_argument("--batch_size", type=int, default=8)
+    model.add_argument("--max_new_tokens", type=int, default=8)
     parser.add_argument("--task", choices=TASKS, default="reasoning")
     parser.add_argument("--labels", default="mer2023", help="recognition label set: mer2023, dfew, merr or a,b,c")
     parser.add_argument("--parser", choices=LABEL_PARSERS, default="emotion_llama", help="label parser (recognition)")
@@ -365,6 +377,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Score ``--predictions`` against ``--references``, print the table and write the report."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.run_dir is not None:
+        return _run_model(parser, args)
+    if args.predictions is None or args.references is None:
+        parser.error("give --predictions and --references (scoring mode) or --run_dir (model-running mode)")
     try:
         grouping = load_grouping(args.grouping) if args.grouping else DEFAULT_GROUPING
         config = ScoringConfig(
@@ -391,6 +407,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     paths = write_report(result, rows, args.out_dir, name)
     print(paths["markdown"].read_text(encoding="utf-8"), end="")
     print(f"wrote {', '.join(str(p) for p in paths.values())}", file=sys.stderr)
+    return 0
+
+
+def _run_model(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    if args.task != "recognition":
+        parser.error("the model-running mode scores recognition (the emotion prompt): pass --task recognition")
+    repo_root = str(Path(__file__).resolve().parents[1])
+    if repo_root not in sys.path:  # run as a script: `recipes` is a folder of scripts, not an installed package
+        sys.path.insert(0, repo_root)
+    from recipes.evaluate_model import ModelEvalConfig, evaluate_run
+
+    try:
+        config = ModelEvalConfig(
+            run_dir=args.run_dir,
+            out_dir=args.out_dir,
+            strategies=[s.strip() for s in args.strategies.split(",") if s.strip()],
+            annotation=args.annotation,
+            tau=args.tau,
+            alpha=args.alpha,
+            layers=[int(v) for v in args.layers.split(",")] if args.layers else None,
+            labels=args.labels,
+            parser=args.parser,
+            batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens,
+        )
+        rows = evaluate_run(config)
+    except (OSError, ValueError) as error:
+        parser.error(str(error))
+    print(markdown_table(rows), end="")
     return 0
 
 

@@ -477,15 +477,20 @@ def evaluate(
     )
     if not is_main_process(args):
         return None
-    subsets_file = dataset.annotation_file.parent / SYNTHETIC_FILES["subsets"]
-    subsets = {s.name: s.subset for s in read_synthetic_subsets(subsets_file)} if subsets_file.exists() else {}
-    references = [Reference(r.name, label=r.label, subset=subsets.get(r.name)) for r in dataset.records]
+    references = subset_references(dataset)
     result, rows = score(predictions, references, ScoringConfig("recognition", resolve_labels(data_args.eval_labels)))
     for row in rows:
         row["prediction"] = predictions[row["id"]]
     write_report(result, rows, out_dir, name="MoSE")
     print(markdown_table([("MoSE", result)]), end="")
     return result
+
+
+def subset_references(dataset: MERRDataset) -> list[Reference]:
+    """The labels of ``dataset`` as references, with their CA-MER subset when ``synthetic_subsets.csv`` lists it."""
+    subsets_file = dataset.annotation_file.parent / SYNTHETIC_FILES["subsets"]
+    subsets = {s.name: s.subset for s in read_synthetic_subsets(subsets_file)} if subsets_file.exists() else {}
+    return [Reference(r.name, label=r.label, subset=subsets.get(r.name)) for r in dataset.records]
 
 
 def eval_dataset(data_args: DataArguments, data_root: Path) -> MERRDataset | None:

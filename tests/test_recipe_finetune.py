@@ -299,3 +299,33 @@ def test_deepspeed_zero3_two_ranks_saves_real_shapes_that_reload(tmp_path, exten
     assert {k: v.shape for k, v in projectors.items()} == expected
     assert any(bool(v.abs().sum() > 0) for k, v in adapter.items() if k.endswith("mose_B"))  # trained, not the init
     _assert_reload_matches(out, atol=1e-5)
+
+
+def test_evaluate_runs_the_trained_model_with_and_without_attention_reallocation(default_run, tmp_path):
+    from recipes import evaluate
+
+    out, trained_result = default_run
+    eval_dir = tmp_path / "eval"
+    assert evaluate.main(["--task", "recognition", "--run_dir", str(out), "--out_dir", str(eval_dir),
+                          "--strategies", "none,ar,pai", "--tau", "0", "--max_new_tokens", "3"]) == 0
+    table = (eval_dir / "scores.md").read_text()
+    assert all(name in table for name in ("| MoSE |", "| MoSE + AR |", "| MoSE + PAI |"))
+    assert (eval_dir / "scores.png").stat().st_size > 0
+    plain = json.loads((eval_dir / "none" / "scores.json").read_text())
+    assert plain["scores"] == trained_result["scores"]  # the same model and prompts as the training run's evaluation
+    ids = {json.loads(line)["id"] for line in (eval_dir / "predictions_ar.jsonl").read_text().splitlines()}
+    assert ids == {json.loads(line)["id"] for line in (eval_dir / "predictions_none.jsonl").read_text().splitlines()}
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [(["--strategies", "none,foo"], "Unknown strategies"), (["--task", "reasoning"], "scores recognition")],
+)
+def test_evaluate_model_mode_rejects_bad_options(default_run, tmp_path, capsys, argv, message):
+    from recipes import evaluate
+
+    out, _ = default_run
+    base = ["--task", "recognition", "--run_dir", str(out), "--out_dir", str(tmp_path)]
+    with pytest.raises(SystemExit):
+        evaluate.main(base + argv)
+    assert message in capsys.readouterr().err
