@@ -3,7 +3,8 @@
     python benchmarks/run.py [--quick] [--json PATH] [--device cpu|cuda]
 
 Interleaved (A B A B ...) timings after warm-up, medians over repetitions, on a Llama-shaped model with the
-Emotion-LLaMA token layout (259 visual, 1 audio, ~60 text tokens), batch 2. Peak training memory on CPU is counted,
+Emotion-LLaMA token layout (259 visual, 1 audio, ~60 text tokens), batch 2. AR's per-token decode latency comes
+from ``benchmarks/ar_decode.py`` (same layout and shape, interleaved step by step, CPU only here). Peak training memory on CPU is counted,
 not sampled: every parameter, plus gradients and AdamW's two moments of the trainable ones, plus the bytes autograd
 saves for backward (distinct storages); on CUDA it is ``torch.cuda.max_memory_allocated`` over a train step.
 """
@@ -15,8 +16,10 @@ import copy
 import json
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,6 +28,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from peft_mose import Modality, MoSEConfig, MoSELayer, modality_ids_from_segments
 from peft_mose.experts import EXPERTS
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ar_decode import measure_ar_decode  # noqa: E402  (AR's decode benchmark, same layout, its own model)
 
 SHAPES = {
     "full": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16,
@@ -186,6 +192,11 @@ def run(shape_name: str, device: str, dtype: torch.dtype, repeats: int, warmup: 
         results[f"train_memory_bytes_{name}"] = train_memory_bytes(models[name], model_inputs(name, ids, mods), device)
 
     results.update(layer_benchmark(models["mose"], mods, repeats, warmup, sync))
+    if device == "cpu":
+        decode = measure_ar_decode(quick=shape_name == "quick", new_tokens=4 if shape_name == "quick" else 32,
+                                   repeats=1 if shape_name == "quick" else 5)["results"]
+        results["decode_plain"] = decode["base"]["decode_ms_per_token"] / 1e3
+        results["decode_ar"] = decode["ar_tau1"]["decode_ms_per_token"] / 1e3
     return results
 
 

@@ -4,6 +4,8 @@ Importing the package registers the ``MOSE`` PEFT type, so ``get_peft_model(mode
 ``PeftModel.from_pretrained(base, path)`` work like for PEFT's own methods.
 """
 
+import importlib
+
 from ._registration import register as _register
 from .config import MoSEConfig, MoSEPeftType
 from .experts import EXPERTS
@@ -15,8 +17,34 @@ from .tracking import ModalityTracker, TokenState
 
 _register()
 
+# Loaded on first use: AR pulls in matplotlib for its plots, the metrics scikit-learn.
+_LAZY = {
+    "attention": "attention",
+    "attention_reallocation": "attention",
+    "reallocate_attention": "attention",
+    "unimodal_attention_proportion": "attention",
+    "metrics": "metrics",
+    "recognition_scores": "metrics",
+    "set_level_scores": "metrics",
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'peft_mose' has no attribute {name!r}")
+    module = importlib.import_module(f".{_LAZY[name]}", __name__)
+    return module if name == _LAZY[name] else getattr(module, name)
+
+
 __all__ = [
     "EXPERTS",
+    "attention",
+    "attention_reallocation",
+    "metrics",
+    "reallocate_attention",
+    "recognition_scores",
+    "set_level_scores",
+    "unimodal_attention_proportion",
     "IGNORE_INDEX",
     "Modality",
     "ModalityTracker",
