@@ -28,6 +28,7 @@ from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 from transformers import HfArgumentParser, PreTrainedTokenizerBase, Trainer, TrainingArguments, set_seed
 from transformers.integrations import is_deepspeed_zero3_enabled
 
@@ -450,7 +451,7 @@ def generate_predictions(
     keys = (keys + keys[-1:] * (share * world - len(keys)))[rank * share : (rank + 1) * share]
     predictions: dict[str, str] = {}
     model.eval()
-    for start in range(0, share, batch_size):
+    for start in tqdm(range(0, share, batch_size), desc="generate", unit="batch", disable=rank != 0):
         batch = collate([dataset[k] for k in keys[start : start + batch_size]])
         ids = model.generate(to_device(batch, device), max_new_tokens=max_new_tokens, do_sample=False)
         texts = encoder.tokenizer.batch_decode(ids, skip_special_tokens=True)
