@@ -53,6 +53,15 @@ def llama(_llama_template) -> LlamaForCausalLM:
     return copy.deepcopy(_llama_template)
 
 
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory):
+    """The recipes' tiny configuration, written once: 60 synthetic MERR samples (48 train, 12 test) and a tiny
+    random Llama with its tokenizer."""
+    from recipes.make_tiny import write_tiny_setup
+
+    return write_tiny_setup(tmp_path_factory.mktemp("tiny"), num_samples=60, seed=0)
+
+
 def layout(batch: int = 2, seq: int = 16, seed: int = 0) -> torch.Tensor:
     """Modality ids like Emotion-LLaMA's prompt, scaled down: text, a visual block, one audio token, text."""
     ids = torch.full((batch, seq), int(Modality.TEXT), dtype=torch.long)

@@ -9,7 +9,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from recipe_helpers import coarse_dataset, tiny  # noqa: F401  (tiny is a fixture)
+from recipe_helpers import coarse_dataset
 
 from peft_mose import Modality
 from peft_mose.layout import IGNORE_INDEX

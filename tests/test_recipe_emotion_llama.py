@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from recipe_helpers import coarse_dataset, tiny  # noqa: F401  (tiny is a fixture)
+from recipe_helpers import coarse_dataset
 from torch import nn
 from torch.utils.data import DataLoader
 

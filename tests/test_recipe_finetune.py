@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 from peft import get_peft_model_state_dict
-from recipe_helpers import tiny  # noqa: F401  (tiny is a fixture)
 from safetensors.torch import load_file
 
 from peft_mose import Modality
