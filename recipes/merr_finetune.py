@@ -79,6 +79,12 @@ TINY_DEFAULTS = (
 )  # fmt: skip
 
 
+def _mose_field(name: str):
+    """A command-line field with ``MoSEConfig``'s own default and help, so the two cannot drift apart."""
+    source = MoSEConfig.__dataclass_fields__[name]
+    return field(default=source.default, metadata=dict(source.metadata))
+
+
 @dataclass
 class ModelArguments:
     """The LLM, the initialisation and the MoSE adapter."""
@@ -101,12 +107,12 @@ class ModelArguments:
             "to start from, e.g. to run stage fine alone after stage coarse."
         },
     )
-    r: int = field(default=64, metadata={"help": "MoSE rank of each expert."})
-    n_experts: int = field(default=2, metadata={"help": "N: up-projections per expert."})
-    eps: float = field(default=0.1, metadata={"help": "Router bound: lambda in [1/2 - eps, 1/2 + eps]."})
-    lora_alpha: float = field(default=16, metadata={"help": "Expert outputs are scaled by lora_alpha / r."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the adapter input."})
-    router_hidden_size: int = field(default=2, metadata={"help": "Hidden width of the router MLP."})
+    r: int = _mose_field("r")
+    n_experts: int = _mose_field("n_experts")
+    eps: float = _mose_field("eps")
+    lora_alpha: float = _mose_field("lora_alpha")
+    lora_dropout: float = _mose_field("lora_dropout")
+    router_hidden_size: int = _mose_field("router_hidden_size")
     target_modules: str = field(default="q_proj,v_proj", metadata={"help": "Comma-separated target modules."})
 
     def mose_config(self) -> MoSEConfig:
