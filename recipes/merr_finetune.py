@@ -13,13 +13,12 @@ Outputs, the tiny default's overrides and the multi-GPU commands: ``docs/recipes
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import gc
 import json
 import math
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,8 +28,16 @@ from safetensors.torch import load_file, save_file
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 from torch.utils.data import DataLoader
 from tqdm import tqdm
-from transformers import HfArgumentParser, PreTrainedTokenizerBase, Trainer, TrainingArguments, set_seed
-from transformers.integrations import is_deepspeed_zero3_enabled
+from transformers import (
+    HfArgumentParser,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+    set_seed,
+)
 
 from peft_mose import MoSEConfig
 from peft_mose.metrics import resolve_labels
@@ -39,6 +46,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run as a script: `recipes` is a folder of scripts, not an installed package
     sys.path.insert(0, str(REPO_ROOT))
 
+from recipes.distributed import gathered, process_rank, share_cpu_deepspeed_state  # noqa: E402
 from recipes.emotion_llama.checkpoint import load_projector_checkpoint, load_projectors, save_projectors  # noqa: E402
 from recipes.emotion_llama.features import FeatureSpec  # noqa: E402
 from recipes.emotion_llama.model import EmotionLlama, load_llm, load_tokenizer  # noqa: E402
@@ -188,6 +196,10 @@ class FinetuneArguments(TrainingArguments):
     remove_unused_columns: bool = field(default=False, metadata={"help": "Must stay False (batches are dicts)."})
     label_names: list[str] | None = field(default_factory=lambda: ["labels"], metadata={"help": "Batch key of labels."})
 
+    def __post_init__(self) -> None:
+        share_cpu_deepspeed_state(self)
+        super().__post_init__()
+
 
 @dataclass(frozen=True)
 class Stage:
@@ -279,31 +291,6 @@ def warmup_cosine_lr(
     return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
 
 
-def process_rank() -> tuple[int, int]:
-    """``(rank, world size)`` from ``torch.distributed``: accelerate 1.15 counts every DeepSpeed rank as process 0 of
-    1 on a CPU-only machine, so its counts can neither split work nor pick the writer there."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def is_main_process(args: TrainingArguments) -> bool:
-    """Whether this process writes the run's files (rank 0, or each node's first process with ``save_on_each_node``)."""
-    return args.should_save and (args.save_on_each_node or process_rank()[0] == 0)
-
-
-@contextlib.contextmanager
-def gathered(params: list[torch.nn.Parameter]) -> Iterator[None]:
-    """Under ZeRO-3, gather ``params`` on every process for the duration of the block; otherwise do nothing."""
-    if not is_deepspeed_zero3_enabled():
-        yield
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-        yield
-
-
 def save_trained(model: EmotionLlama, directory: Path, is_main: bool = True) -> None:
     """Write ``directory/adapter`` (``save_pretrained``) and ``directory/projectors.safetensors``. Under ZeRO-3 the
     trainable parameters are gathered first (else they would be saved as empty tensors): every process must call."""
@@ -323,6 +310,19 @@ def load_trained_weights(model: EmotionLlama, directory: Path) -> None:
     load_projectors(model.projectors, directory / PROJECTORS_FILE)
 
 
+class SamplerEpochCallback(TrainerCallback):
+    """Sets the batch sampler's epoch from the optimizer step at the start of every epoch. Trainer's own ``set_epoch``
+    does not reach a sampler that accelerate wrapped twice (sharded over processes, then skipping the batches already
+    trained), so a multi-process run resumed inside epoch k >= 1 would replay epoch 0's batches without this."""
+
+    def __init__(self, sampler: SingleTaskBatchSampler, steps_per_epoch: int) -> None:
+        self.sampler = sampler
+        self.steps_per_epoch = steps_per_epoch
+
+    def on_epoch_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
+        self.sampler.set_epoch(state.global_step // self.steps_per_epoch)
+
+
 class MoSETrainer(Trainer):
     """``Trainer`` with one-task batches, no weight decay on 1-D parameters, the warm-up + cosine schedule, and
     checkpoints holding only what trains (``adapter/`` and ``projectors.safetensors``)."""
@@ -330,6 +330,7 @@ class MoSETrainer(Trainer):
     def __init__(self, *args, batch_sampler: SingleTaskBatchSampler, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.batch_sampler = batch_sampler
+        self.add_callback(SamplerEpochCallback(batch_sampler, self.args.iters_per_epoch))
 
     def get_train_dataloader(self) -> DataLoader:
         """The dataset read in :class:`SingleTaskBatchSampler` batches (sharded over processes by accelerate)."""
@@ -364,7 +365,7 @@ class MoSETrainer(Trainer):
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Save the adapter and the projectors (under ZeRO-3 every process must call this)."""
-        save_trained(self.model, Path(output_dir or self.args.output_dir), is_main_process(self.args))
+        save_trained(self.model, Path(output_dir or self.args.output_dir), self.args.should_save)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
         # Resuming without DeepSpeed (DeepSpeed resumes from its own engine checkpoint).
@@ -482,7 +483,7 @@ def evaluate(
     predictions = generate_predictions(
         model, dataset, encoder, args.device, args.per_device_eval_batch_size, data_args.eval_max_new_tokens
     )
-    if not is_main_process(args):
+    if not args.should_save:
         return None
     references = subset_references(dataset)
     result, rows = score(predictions, references, ScoringConfig("recognition", resolve_labels(data_args.eval_labels)))
@@ -519,12 +520,9 @@ def prepare_inputs(
     if model_args.model_name_or_path is not None:
         return Path(model_args.model_name_or_path), Path(data_args.data_root)
     tiny = output_dir / TINY_DIR
-    args.device  # noqa: B018 (sets up the process group that process_rank reads)
-    rank, world = process_rank()
-    if rank == 0:
-        write_tiny_setup(tiny, num_samples=TINY_NUM_SAMPLES, seed=args.seed)
-    if world > 1:
-        torch.distributed.barrier()
+    with args.main_process_first(local=False, desc="writing the tiny setup"):
+        if args.process_index == 0:
+            write_tiny_setup(tiny, num_samples=TINY_NUM_SAMPLES, seed=args.seed)
     return tiny / "model", tiny / "data"
 
 
@@ -550,7 +548,7 @@ def train_stage(
     trainer = MoSETrainer(
         model=model, args=stage_args, train_dataset=dataset, data_collator=MERRCollator(encoder), batch_sampler=sampler
     )
-    if is_main_process(args):
+    if args.should_save:
         print(f"Stage {stage.name}: {dataset.skip_report()} Tasks {', '.join(stage.tasks)}, lr {stage.learning_rate}.")
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     return trainer
@@ -568,7 +566,7 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     datasets = {stage.name: stage_dataset(stage, data_root, data_args.skip_missing) for stage in stages[first:]}
     evaluation = eval_dataset(data_args, data_root)
     spec = FeatureSpec.from_dir(data_root)
-    if is_main_process(args):
+    if args.should_save:
         output_dir.mkdir(parents=True, exist_ok=True)
         run_config = {
             "model_name_or_path": str(model_path.resolve()),
@@ -576,6 +574,7 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
             "tiny_defaults": list(TINY_DEFAULTS) if model_args.model_name_or_path is None else [],
             "feature_spec": dataclasses.asdict(spec),
             "audio_repeat": data_args.audio_repeat,
+            "world_size": args.world_size,
             "stages": [dataclasses.asdict(s) for s in stages],
             "model": dataclasses.asdict(model_args),
             "data": dataclasses.asdict(data_args),
@@ -597,7 +596,7 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
         trainer = train_stage(stages[index], datasets[stages[index].name], args, model, encoder, resume)
         init_dir = output_dir if index == len(stages) - 1 else output_dir / stages[index].name
         trainer.save_model(str(init_dir))
-    is_main = is_main_process(args)
+    is_main = args.should_save
     batch = reference_batch(trainer.train_dataset, encoder)
     write_reference_outputs(trainer.model, batch, output_dir / REFERENCE_FILE, args.device, is_main)
     result = None

@@ -1,5 +1,5 @@
 """recipes/merr_finetune.py: the built-in default end to end, gradients, schedule, resume, bad arguments, and the
-DeepSpeed launches (one process; two ranks under ZeRO-3 over gloo)."""
+DeepSpeed launches (one process; two ranks under ZeRO-3 over gloo, resumed)."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from recipes.merr.synthetic import SUBSETS
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "recipes" / "merr_finetune.py"
+RECORDER = ROOT / "tests" / "record_batches.py"  # the script, recording which samples each rank trains on
 # A few steps per stage: 2 epochs x 4 iterations, batch 4 (tiny default), checkpoints every 3 steps.
 SHORT = ["--iters_per_epoch", "4", "--num_train_epochs", "2", "--warmup_steps", "2", "--logging_steps", "1",
          "--save_strategy", "steps", "--save_steps", "3", "--disable_tqdm", "true"]  # fmt: skip
@@ -237,13 +238,15 @@ def extensions_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.Temp
     return str(cache.mkdir("torch_extensions") if cache is not None else tmp_path_factory.mktemp("torch_extensions"))
 
 
-def run_deepspeed(launcher_args: list[str], script_args: list[str], extensions_dir: str) -> subprocess.CompletedProcess:
-    """Run the script under the ``deepspeed`` launcher on CPU with its own port; afterwards remove the shared-memory
+def run_deepspeed(
+    launcher_args: list[str], script_args: list[str], extensions_dir: str, script: Path = SCRIPT
+) -> subprocess.CompletedProcess:
+    """Run ``script`` under the ``deepspeed`` launcher on CPU with its own port; afterwards remove the shared-memory
     all-reduce buffers the run left in ``/dev/shm`` (they carry the port in their name)."""
     port = _free_port()
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": extensions_dir}
     deepspeed = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
-    command = [deepspeed, *launcher_args, "--master_port", str(port), str(SCRIPT), *script_args]
+    command = [deepspeed, *launcher_args, "--master_port", str(port), str(script), *script_args]
     try:
         done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     finally:
@@ -273,20 +276,37 @@ def test_deepspeed_launcher_one_process(tmp_path, extensions_dir, config):
     _assert_reload_matches(tmp_path, atol=1e-5)  # the subprocess ran with one thread, this one may use more
 
 
+def _recorded_batches(out: Path, world: int) -> dict[tuple[str, int], list[tuple[str, list[str]]]]:
+    """``{(stage, step): [(task, names) of rank 0, of rank 1, ...]}`` from ``tests/record_batches.py``'s files."""
+    steps: dict[tuple[str, int], list[tuple[str, list[str]]]] = {}
+    for rank in range(world):
+        for stage, step, task, names in json.loads((out / f"batches_rank{rank}.json").read_text()):
+            steps.setdefault((stage, step), []).append((task, names))
+    return steps
+
+
 @pytest.mark.slow
-def test_deepspeed_zero3_two_ranks_saves_real_shapes_that_reload(tmp_path, extensions_dir):
-    """Two ranks over gloo under ZeRO-3, every parameter partitioned: the gathered save has the real shapes and
-    reloads to the trained model's outputs."""
+def test_deepspeed_zero3_two_ranks_shard_save_and_resume(tmp_path, extensions_dir):
+    """Two ranks over gloo under ZeRO-3, every parameter partitioned: the ranks train on different batches, the
+    gathered save has the real shapes and reloads to the trained model's outputs, and a run resumed from DeepSpeed's
+    checkpoint inside epoch 1 trains on the same batches as the uninterrupted run and ends with its weights."""
     config = json.loads((ROOT / "recipes" / "configs" / "zero3.json").read_text())
     config["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # else the tiny model is not partitioned
     (tmp_path / "zero3.json").write_text(json.dumps(config))
     out = tmp_path / "run"
-    # accelerate 1.15 makes every DeepSpeed rank on CPU believe it is the main process, so Trainer's own checkpoint
-    # writes would race; the recipe's own writes go through torch.distributed's rank.
-    script_args = ["--deepspeed", str(tmp_path / "zero3.json"), "--output_dir", str(out), *SHORT]
-    run_deepspeed(["--num_accelerators", "2"], [*script_args, "--save_strategy", "no"], extensions_dir)
+    script_args = ["--deepspeed", str(tmp_path / "zero3.json"), *SHORT]
+    run_deepspeed(["--num_accelerators", "2"], [*script_args, "--output_dir", str(out)], extensions_dir, RECORDER)
     run_config = json.loads((out / "run_config.json").read_text())
     assert run_config["training"]["deepspeed"] == str(tmp_path / "zero3.json")
+    assert run_config["world_size"] == 2
+    batches = _recorded_batches(out, world=2)
+    assert sorted(batches) == [(stage, step) for stage in ("coarse", "fine") for step in range(STEPS_PER_STAGE)]
+    for (stage, step), ranks in batches.items():
+        assert ranks[0] != ranks[1], f"both ranks trained on the same batch at {stage} step {step}"
+    for stage in ("coarse", "fine"):  # each epoch: 4 steps x 2 ranks = the sampler's 8 batches, each once
+        for epoch in range(2):
+            names = [tuple(n) for step in range(4 * epoch, 4 * epoch + 4) for _, n in batches[(stage, step)]]
+            assert len(set(names)) == len(names)
 
     reference = finetune.load_trained(out).model  # shapes of a model built from the base and the adapter config
     expected = {k: v.shape for k, v in get_peft_model_state_dict(reference.llm).items()}
@@ -298,6 +318,20 @@ def test_deepspeed_zero3_two_ranks_saves_real_shapes_that_reload(tmp_path, exten
     assert {k: v.shape for k, v in projectors.items()} == expected
     assert any(bool(v.abs().sum() > 0) for k, v in adapter.items() if k.endswith("mose_B"))  # trained, not the init
     _assert_reload_matches(out, atol=1e-5)
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out, resumed, ignore=shutil.ignore_patterns("adapter", "*.safetensors", "batches_rank*", "eval"))
+    checkpoint = resumed / "fine" / "checkpoint-6"  # step 6 of 8: epoch 1, after 2 of its 4 steps
+    assert (checkpoint / "global_step6").is_dir()  # DeepSpeed's engine state, which the resumed run loads
+    resume_args = [*script_args, "--output_dir", str(resumed), "--resume_from_checkpoint", str(checkpoint)]
+    run_deepspeed(["--num_accelerators", "2"], [*resume_args, "--eval_annotation", "none"], extensions_dir, RECORDER)
+    resumed_batches = _recorded_batches(resumed, world=2)
+    assert resumed_batches == {key: batches[key] for key in [("fine", 6), ("fine", 7)]}
+    for name in ("adapter/adapter_model.safetensors", "projectors.safetensors"):
+        got, want = load_file(str(resumed / name)), load_file(str(out / name))
+        assert got.keys() == want.keys()
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-6, msg=f"{name}: {key}")
 
 
 def test_evaluate_runs_the_trained_model_with_and_without_attention_reallocation(default_run, tmp_path):
