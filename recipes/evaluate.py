@@ -7,9 +7,12 @@ Scoring an existing predictions file (no model needed)::
     python recipes/evaluate.py --predictions preds.jsonl --references refs.jsonl --out_dir out/eval \\
         --task recognition --labels mer2023 --parser robust
 
-Generating with a run of ``recipes/merr_finetune.py``, with and without attention reallocation (PAI for comparison)::
+Generating the answers first, with a run of ``recipes/merr_finetune.py`` (MoSE) or the base model (Emotion-LLaMA),
+with and without attention reallocation (PAI for comparison), on the recognition or the reasoning prompt::
 
     python recipes/evaluate.py --task recognition --run_dir out/merr --out_dir out/eval --strategies none,ar,pai
+    python recipes/evaluate.py --task reasoning --model_name_or_path Llama-2-7b-chat-hf --data_root MERR \
+        --projector_checkpoint Emotion_LLaMA.pth --annotation test.txt --out_dir out/eval --strategies none,ar
 
 File formats: ``docs/evaluation.md``.
 """
@@ -349,38 +352,66 @@ def write_report(
     return paths
 
 
+def warn_skipped(rows: Sequence[Mapping[str, object]], task: str) -> None:
+    """Print a warning naming the reasoning samples skipped for want of an emotion word in their reference."""
+    skipped = [row["id"] for row in rows if task == "reasoning" and row["accuracy"] is None]
+    if skipped:
+        print(
+            f"warning: {len(skipped)} samples have no emotion word in their reference and are skipped "
+            f"(MER-OV convention): {_id_list(skipped)}",
+            file=sys.stderr,
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """Command-line options of the scoring mode."""
+    """Command-line options of both modes."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--predictions", type=Path, help='JSONL of {"id", "prediction"}')
     parser.add_argument("--references", type=Path, help='JSONL of {"id", "reference"|"label", "subset"}')
     parser.add_argument("--out_dir", required=True, type=Path, help="for scores.json/.md/.png and per_sample.jsonl")
     model = parser.add_argument_group("model-running mode (instead of --predictions/--references)")
-    model.add_argument("--run_dir", type=Path, help="output folder of recipes/merr_finetune.py to generate with")
-    model.add_argument("--annotation", type=Path, help="MERR annotation .txt to evaluate (default: the run's test split)")
+    model.add_argument("--run_dir", type=Path, help="output folder of recipes/merr_finetune.py (MoSE) to generate with")
+    model.add_argument("--model_name_or_path", type=Path, help="local LLM folder: the base model (Emotion-LLaMA)")
+    model.add_argument("--data_root", type=Path, help="MERR folder (base model; default: the run's)")
+    model.add_argument("--projector_checkpoint", type=Path, help="base model: Emotion-LLaMA / MiniGPT-v2 .pth (+ LoRA)")
+    model.add_argument("--projectors", type=Path, help="base model: projectors.safetensors instead of a .pth")
+    model.add_argument("--annotation", type=Path, help="MERR annotation .txt (default: synthetic_test.txt of the data)")
+    model.add_argument("--subsets", type=Path, help="CSV with name,subset (default: synthetic_subsets.csv beside it)")
+    model.add_argument("--reasoning_task", choices=("reason_v2", "reason"), default="reason_v2", help="fine, coarse")
     model.add_argument("--strategies", default="none,ar", help="comma-separated: none, ar, pai (one table row each)")
     model.add_argument("--tau", type=float, default=1.0, help="AR threshold")
     model.add_argument("--alpha", type=float, default=0.5, help="PAI amplification")
     model.add_argument("--layers", help="comma-separated layer indices for AR/PAI (default: all)")
     model.add_argument("--batch_size", type=int, default=8)
-    model.add_argument("--max_new_tokens", type=int, default=8)
+    model.add_argument("--max_new_tokens", type=int, help="tokens per answer (default: recognition 8, reasoning 500)")
+    model.add_argument("--device", help="default: cuda when available, else cpu")
     parser.add_argument("--task", choices=TASKS, default="reasoning")
     parser.add_argument("--labels", default="mer2023", help="recognition label set: mer2023, dfew, merr or a,b,c")
     parser.add_argument("--parser", choices=LABEL_PARSERS, default="emotion_llama", help="label parser (recognition)")
     parser.add_argument("--grouping", type=Path, help="synonym mapping file (.csv or .json); default: built-in table")
     parser.add_argument("--scope", choices=("conclusion", "all"), default="conclusion", help="emotion-word extraction")
-    parser.add_argument("--name", help="row name in the table (default: the predictions file name)")
+    parser.add_argument(
+        "--name", help="row name (scoring mode; default: the predictions file name) or prefix (model mode)"
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Score ``--predictions`` against ``--references``, print the table and write the report."""
+    """Score ``--predictions`` against ``--references``, or generate them with a model first (``--run_dir`` /
+    ``--model_name_or_path``); print the table and write the report."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.run_dir is not None:
-        return _run_model(parser, args)
-    if args.predictions is None or args.references is None:
-        parser.error("give --predictions and --references (scoring mode) or --run_dir (model-running mode)")
+    model_mode = args.run_dir is not None or args.model_name_or_path is not None
+    if model_mode and (args.predictions is not None or args.references is not None):
+        parser.error(
+            "give --predictions/--references (scoring mode) or --run_dir/--model_name_or_path (model-running mode), "
+            "not both"
+        )
+    if not model_mode and (args.predictions is None or args.references is None):
+        parser.error(
+            "give --predictions and --references (scoring mode), or --run_dir or --model_name_or_path "
+            "(model-running mode)"
+        )
     try:
         grouping = load_grouping(args.grouping) if args.grouping else DEFAULT_GROUPING
         config = ScoringConfig(
@@ -391,18 +422,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             grouping_source=str(args.grouping) if args.grouping else "default",
             scope=args.scope,
         )
+        if model_mode:
+            return _run_model(args, config)
         references = load_references(args.references, args.task, config.labels)
         predictions = load_predictions(args.predictions)
         result, rows = score(predictions, references, config)
     except (OSError, ValueError) as error:
         parser.error(str(error))
-    skipped = [row["id"] for row in rows if args.task == "reasoning" and row["accuracy"] is None]
-    if skipped:
-        print(
-            f"warning: {len(skipped)} samples have no emotion word in their reference and are skipped "
-            f"(MER-OV convention): {_id_list(skipped)}",
-            file=sys.stderr,
-        )
+    warn_skipped(rows, args.task)
     name = args.name or args.predictions.stem
     paths = write_report(result, rows, args.out_dir, name)
     print(paths["markdown"].read_text(encoding="utf-8"), end="")
@@ -410,32 +437,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _run_model(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    if args.task != "recognition":
-        parser.error("the model-running mode scores recognition (the emotion prompt): pass --task recognition")
+def _run_model(args: argparse.Namespace, scoring: ScoringConfig) -> int:
     repo_root = str(Path(__file__).resolve().parents[1])
     if repo_root not in sys.path:  # run as a script: `recipes` is a folder of scripts, not an installed package
         sys.path.insert(0, repo_root)
-    from recipes.evaluate_model import ModelEvalConfig, evaluate_run
+    from recipes.evaluate_model import ModelEvalConfig, evaluate_model
 
-    try:
-        config = ModelEvalConfig(
-            run_dir=args.run_dir,
-            out_dir=args.out_dir,
-            strategies=[s.strip() for s in args.strategies.split(",") if s.strip()],
-            annotation=args.annotation,
-            tau=args.tau,
-            alpha=args.alpha,
-            layers=[int(v) for v in args.layers.split(",")] if args.layers else None,
-            labels=args.labels,
-            parser=args.parser,
-            batch_size=args.batch_size,
-            max_new_tokens=args.max_new_tokens,
-        )
-        rows = evaluate_run(config)
-    except (OSError, ValueError) as error:
-        parser.error(str(error))
+    config = ModelEvalConfig(
+        out_dir=args.out_dir,
+        scoring=scoring,
+        run_dir=args.run_dir,
+        model_name_or_path=args.model_name_or_path,
+        data_root=args.data_root,
+        projector_checkpoint=args.projector_checkpoint,
+        projectors=args.projectors,
+        annotation=args.annotation,
+        subsets=args.subsets,
+        reasoning_task=args.reasoning_task,
+        strategies=[s.strip() for s in args.strategies.split(",") if s.strip()],
+        tau=args.tau,
+        alpha=args.alpha,
+        layers=[int(v) for v in args.layers.split(",")] if args.layers else None,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        name=args.name,
+        device=args.device,
+    )
+    rows = evaluate_model(config)
     print(markdown_table(rows), end="")
+    print(
+        f"wrote scores.md/.json/.png, references.jsonl, predictions_*.jsonl, reports to {args.out_dir}", file=sys.stderr
+    )
     return 0
 
 

@@ -1,12 +1,16 @@
-"""The model-running mode of ``recipes/evaluate.py``: generate with a trained run, with or without AR or PAI, and
-score every variant side by side (the paper's Table 7 layout).
+"""The model-running mode of ``recipes/evaluate.py``: generate answers with a trained MoSE run or with the
+Emotion-LLaMA base model, with or without AR or PAI, and score every variant side by side (the paper's Tables 1 and 7).
 
     python recipes/evaluate.py --run_dir out/merr --out_dir out/eval --strategies none,ar,pai
+    python recipes/evaluate.py --model_name_or_path Llama-2-7b-chat-hf --data_root MERR \\
+        --projector_checkpoint Emotion_LLaMA.pth --annotation test.txt --out_dir out/eval --strategies none,ar
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,74 +18,246 @@ from pathlib import Path
 import torch
 
 from peft_mose.attention import attention_reallocation
-from peft_mose.metrics import resolve_labels
-from recipes.evaluate import ScoringConfig, markdown_table, plot_scores, score, write_jsonl, write_report
+from recipes.emotion_llama.baseline import load_baseline
+from recipes.emotion_llama.features import FeatureSpec
+from recipes.emotion_llama.model import EmotionLlama
+from recipes.emotion_llama.prompt import PromptEncoder
+from recipes.evaluate import (
+    Reference,
+    ScoringConfig,
+    markdown_table,
+    plot_scores,
+    score,
+    warn_skipped,
+    write_jsonl,
+    write_report,
+)
 from recipes.merr.dataset import MERRDataset
+from recipes.merr.references import merr_references
 from recipes.merr.synthetic import FILES as SYNTHETIC_FILES
-from recipes.merr_finetune import SUBTITLE_FILE, generate_predictions, load_trained, subset_references
+from recipes.merr.tasks import TASKS
+from recipes.merr_finetune import CAPTION_FILES, RUN_CONFIG, SUBTITLE_FILE, generate_predictions, load_trained
 
 STRATEGIES = ("none", "ar", "pai")
+REASONING_TASKS = ("reason_v2", "reason")
+"""Prompts of the reasoning task: ``reason_v2`` answers with the fine-grained ``smp_reason_caption`` (Emotion-LLaMA's
+EMER evaluation and MoSEAR's stage 2), ``reason`` with the coarse-grained ``caption``."""
+MAX_NEW_TOKENS = {"recognition": 8, "reasoning": 500}
+"""Default generation lengths: a label and ``</s>``; an explanation (Emotion-LLaMA's EMER evaluation uses 500)."""
+ROW_NAMES = {"run": "MoSE", "base": "Emotion-LLaMA"}
 
 
 @dataclass
 class ModelEvalConfig:
-    """What to run: the trained run, the evaluation annotation, and the attention strategies to compare."""
+    """What to run: a trained run (``run_dir``) or the base model (``model_name_or_path`` + ``data_root`` + projector
+    weights), the evaluation data, the attention strategies to compare, and how to generate and score. Problems are
+    reported with the command line's option names."""
 
-    run_dir: Path
     out_dir: Path
-    strategies: Sequence[str] = ("none", "ar")
+    scoring: ScoringConfig
+    run_dir: Path | None = None
+    model_name_or_path: Path | None = None
+    data_root: Path | None = None
+    projector_checkpoint: Path | None = None
+    projectors: Path | None = None
     annotation: Path | None = None
+    subsets: Path | None = None
+    reasoning_task: str = "reason_v2"
+    strategies: Sequence[str] = ("none", "ar")
     tau: float = 1.0
     alpha: float = 0.5
     layers: Sequence[int] | None = None
-    labels: str = "mer2023"
-    parser: str = "emotion_llama"
     batch_size: int = 8
-    max_new_tokens: int = 8
+    max_new_tokens: int | None = None
+    name: str | None = None
+    device: str | None = None
+
+    @property
+    def kind(self) -> str:
+        """``"run"`` (MoSE) or ``"base"`` (Emotion-LLaMA)."""
+        return "run" if self.run_dir is not None else "base"
+
+    @property
+    def prompt_task(self) -> str:
+        """The MERR task whose prompt is generated from: ``emotion`` (recognition) or the reasoning task."""
+        return "emotion" if self.scoring.task == "recognition" else self.reasoning_task
 
 
-def _strategies(values: Sequence[str]) -> list[str]:
-    unknown = [v for v in values if v not in STRATEGIES]
-    if unknown or not values:
-        raise ValueError(f"Unknown strategies {unknown or values!r}; choose from {list(STRATEGIES)}.")
-    return list(dict.fromkeys(values))
+def _missing(path: Path | None, what: str, option: str) -> None:
+    if path is not None and not Path(path).exists():
+        raise FileNotFoundError(f"{option} {path}: {what} does not exist.")
 
 
-def evaluate_run(config: ModelEvalConfig) -> list[tuple[str, Mapping[str, object]]]:
-    """Generate and score each strategy; write ``<out_dir>/<strategy>/`` reports, ``predictions_<strategy>.jsonl``
-    and the combined ``scores.md`` / ``scores.png``; return the table rows."""
-    strategies = _strategies(config.strategies)
-    trained = load_trained(config.run_dir)
-    data_root = Path(trained.run_config["data_root"])
-    annotation = config.annotation or data_root / SYNTHETIC_FILES["test_txt"]
-    if not Path(annotation).is_file():
-        raise FileNotFoundError(f"Evaluation annotation {annotation} does not exist; pass --annotation.")
-    dataset = MERRDataset(annotation, data_root / SUBTITLE_FILE, tasks=("emotion",))
-    references = subset_references(dataset)
-    scoring = ScoringConfig("recognition", resolve_labels(config.labels), parser=config.parser)
-    device = next(trained.model.parameters()).device
-    config.out_dir.mkdir(parents=True, exist_ok=True)
+def check_config(config: ModelEvalConfig) -> None:
+    """Refuse contradictory, incomplete or out-of-range settings and missing files before anything is loaded."""
+    if config.run_dir is not None and config.model_name_or_path is not None:
+        raise ValueError("Give --run_dir (a MoSE run) or --model_name_or_path (the base model), not both.")
+    if config.run_dir is None and config.model_name_or_path is None:
+        raise ValueError("Give --run_dir (a MoSE run) or --model_name_or_path (the base model) to generate with.")
+    given = {"--projector_checkpoint": config.projector_checkpoint, "--projectors": config.projectors}
+    projector_options = [option for option, value in given.items() if value is not None]
+    if config.kind == "run":
+        _missing(config.run_dir, "the run folder", "--run_dir")
+        if not (Path(config.run_dir) / RUN_CONFIG).is_file():
+            raise FileNotFoundError(
+                f"--run_dir {config.run_dir} holds no {RUN_CONFIG}: is it an output folder of recipes/merr_finetune.py?"
+            )
+        if projector_options:
+            raise ValueError(
+                f"{' and '.join(projector_options)} go with --model_name_or_path: a run has its own projectors."
+            )
+    else:
+        _missing(config.model_name_or_path, "the LLM folder", "--model_name_or_path")
+        if config.data_root is None:
+            raise ValueError(
+                "--model_name_or_path needs --data_root, the MERR folder (features, feature_spec.json, subtitles, "
+                "captions)."
+            )
+        if len(projector_options) != 1:
+            raise ValueError(
+                "--model_name_or_path needs the projector weights: --projector_checkpoint (an Emotion-LLaMA or "
+                "MiniGPT-v2 .pth, its LoRA included) or --projectors (a projectors.safetensors)"
+                + (", not both." if projector_options else ".")
+            )
+        _missing(config.projector_checkpoint, "the checkpoint", "--projector_checkpoint")
+        _missing(config.projectors, "the projector weights", "--projectors")
+    _missing(config.data_root, "the data folder", "--data_root")
+    _missing(config.subsets, "the subsets file", "--subsets")
+    unknown = [s for s in config.strategies if s not in STRATEGIES]
+    if unknown or not config.strategies:
+        raise ValueError(f"Unknown strategies {unknown or list(config.strategies)!r}; choose from {list(STRATEGIES)}.")
+    if config.reasoning_task not in REASONING_TASKS:
+        raise ValueError(f"--reasoning_task must be one of {list(REASONING_TASKS)}, got {config.reasoning_task!r}.")
+    if config.batch_size < 1 or (config.max_new_tokens is not None and config.max_new_tokens < 1):
+        raise ValueError(
+            f"--batch_size and --max_new_tokens must be >= 1, got {config.batch_size}, {config.max_new_tokens}."
+        )
+
+
+def _run_config(config: ModelEvalConfig) -> dict:
+    return json.loads((Path(config.run_dir) / RUN_CONFIG).read_text())
+
+
+def resolve_annotation(annotation: Path | None, data_root: Path) -> Path:
+    """The annotation file: as given, else under ``data_root``; by default the synthetic test split."""
+    if annotation is None:
+        default = data_root / SYNTHETIC_FILES["test_txt"]
+        if not default.is_file():
+            raise FileNotFoundError(f"{data_root} has no {SYNTHETIC_FILES['test_txt']}: pass --annotation.")
+        return default
+    for candidate in (Path(annotation), data_root / annotation):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"--annotation {annotation}: the file does not exist (neither as given nor in {data_root})."
+    )
+
+
+def evaluation_data(config: ModelEvalConfig) -> tuple[MERRDataset, list[Reference], FeatureSpec]:
+    """The dataset of the prompt task (validated, features under the data root), its references and feature spec."""
+    run_config = _run_config(config) if config.kind == "run" else {}
+    data_root = Path(config.data_root or run_config["data_root"])
+    _missing(data_root, "the data folder (recorded by the run unless given)", "--data_root")
+    spec = FeatureSpec(**run_config["feature_spec"]) if run_config else FeatureSpec.from_dir(data_root)
+    task = config.prompt_task
+    captions = {}
+    if TASKS[task].answer_source != "label":
+        key = f"{TASKS[task].answer_source}_json"
+        captions[key] = data_root / CAPTION_FILES[key]
+        _missing(captions[key], f"the caption file of task {task!r}", "--data_root")
+    annotation = resolve_annotation(config.annotation, data_root)
+    subtitles = data_root / SUBTITLE_FILE
+    dataset = MERRDataset(annotation, subtitles, tasks=(task,), feature_root=data_root, spec=spec, **captions)
+    return dataset, merr_references(dataset, task, config.subsets), spec
+
+
+def load_model(config: ModelEvalConfig, spec: FeatureSpec) -> tuple[EmotionLlama, PromptEncoder]:
+    """The model to generate with (eval mode, on ``config.device``) and its prompt encoder; the base model's
+    checkpoint reports go to stderr."""
+    if config.kind == "run":
+        trained = load_trained(config.run_dir)
+        model, encoder = trained.model, trained.encoder
+    else:
+        baseline = load_baseline(config.model_name_or_path, spec, config.projector_checkpoint, config.projectors)
+        print("\n".join(baseline.reports), file=sys.stderr)
+        model, encoder = baseline.model, baseline.encoder
+    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return model.to(device), encoder
+
+
+def strategy_context(model: EmotionLlama, strategy: str, config: ModelEvalConfig) -> contextlib.AbstractContextManager:
+    """Nothing for ``none``; otherwise AR or PAI on the model's LLM (MoSE or not: the model hands its tracker the
+    modality ids of every call)."""
+    if strategy == "none":
+        return contextlib.nullcontext()
+    return attention_reallocation(
+        model.llm, tau=config.tau, strategy=strategy, alpha=config.alpha, layers=config.layers
+    )
+
+
+def evaluate_model(config: ModelEvalConfig) -> list[tuple[str, Mapping[str, object]]]:
+    """Generate and score each strategy; write ``references.jsonl``, ``predictions_<strategy>.jsonl``,
+    ``<strategy>/`` reports and the combined ``scores.md`` / ``scores.json`` / ``scores.png`` into ``out_dir``;
+    return the table rows."""
+    check_config(config)
+    strategies = list(dict.fromkeys(config.strategies))
+    dataset, references, spec = evaluation_data(config)
+    model, encoder = load_model(config, spec)
+    device = next(model.parameters()).device
+    max_new_tokens = config.max_new_tokens or MAX_NEW_TOKENS[config.scoring.task]
+    generation = {
+        "model": str(config.run_dir or config.model_name_or_path),
+        "weights": str(config.projector_checkpoint or config.projectors or config.run_dir),
+        "annotation": str(dataset.annotation_file),
+        "prompt_task": config.prompt_task,
+        "instruction": TASKS[config.prompt_task].instructions[0],
+        "max_new_tokens": max_new_tokens,
+        "decoding": "greedy",
+    }
+    out = Path(config.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out / "references.jsonl", [_reference_record(r) for r in references])
+    prefix = config.name or ROW_NAMES[config.kind]
     rows: list[tuple[str, Mapping[str, object]]] = []
+    summary = []
     for strategy in strategies:
-        context = (
-            contextlib.nullcontext()
-            if strategy == "none"
-            else attention_reallocation(
-                trained.model.llm, tau=config.tau, strategy=strategy, alpha=config.alpha, layers=config.layers
-            )
-        )
-        with context, torch.no_grad():
+        with strategy_context(model, strategy, config), torch.no_grad():
             predictions = generate_predictions(
-                trained.model, dataset, trained.encoder, device, config.batch_size, config.max_new_tokens
+                model, dataset, encoder, device, config.batch_size, max_new_tokens, task=config.prompt_task
             )
-        write_jsonl(
-            config.out_dir / f"predictions_{strategy}.jsonl",
-            [{"id": name, "prediction": text} for name, text in sorted(predictions.items())],
-        )
-        result, per_sample = score(predictions, references, scoring)
-        name = "MoSE" if strategy == "none" else f"MoSE + {strategy.upper()}"
-        write_report(result, per_sample, config.out_dir / strategy, name=name)
+        records = [{"id": r.id, "prediction": predictions[r.id]} for r in references]
+        write_jsonl(out / f"predictions_{strategy}.jsonl", records)
+        result, per_sample = score(predictions, references, config.scoring)
+        warn_skipped(per_sample, config.scoring.task)
+        result["settings"]["generation"] = {**generation, **_strategy_settings(strategy, config)}
+        for row in per_sample:
+            row["prediction"] = predictions[row["id"]]
+        name = prefix if strategy == "none" else f"{prefix} + {strategy.upper()}"
+        write_report(result, per_sample, out / strategy, name=name)
         rows.append((name, result))
-    (config.out_dir / "scores.md").write_text(markdown_table(rows), encoding="utf-8")
-    plot_scores(rows, config.out_dir / "scores.png")
+        summary.append({"name": name, "strategy": strategy, **result})
+    (out / "scores.md").write_text(markdown_table(rows), encoding="utf-8")
+    (out / "scores.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    plot_scores(rows, out / "scores.png")
     return rows
+
+
+def _strategy_settings(strategy: str, config: ModelEvalConfig) -> dict[str, object]:
+    layers = sorted(config.layers) if config.layers is not None else "all"
+    if strategy == "ar":
+        return {"strategy": strategy, "tau": config.tau, "layers": layers}
+    if strategy == "pai":
+        return {"strategy": strategy, "alpha": config.alpha, "layers": layers}
+    return {"strategy": strategy}
+
+
+def _reference_record(reference: Reference) -> dict[str, object]:
+    """The scoring mode's reference format (``docs/evaluation.md``)."""
+    record: dict[str, object] = {"id": reference.id}
+    if reference.label is not None:
+        record["label"] = reference.label
+    else:
+        record["reference"] = reference.reference
+    if reference.subset is not None:
+        record["subset"] = reference.subset
+    return record

@@ -52,13 +52,13 @@ from recipes.emotion_llama.features import FeatureSpec  # noqa: E402
 from recipes.emotion_llama.model import EmotionLlama, load_llm, load_tokenizer  # noqa: E402
 from recipes.emotion_llama.projectors import EmotionLlamaProjectors  # noqa: E402
 from recipes.emotion_llama.prompt import PromptEncoder  # noqa: E402
-from recipes.evaluate import Reference, ScoringConfig, markdown_table, score, write_report  # noqa: E402
+from recipes.evaluate import ScoringConfig, markdown_table, score, write_report  # noqa: E402
 from recipes.make_tiny import write_tiny_setup  # noqa: E402
 from recipes.merr.collator import MERRCollator  # noqa: E402
 from recipes.merr.dataset import MERRDataset  # noqa: E402
+from recipes.merr.references import merr_references  # noqa: E402
 from recipes.merr.sampler import SingleTaskBatchSampler  # noqa: E402
 from recipes.merr.synthetic import FILES as SYNTHETIC_FILES  # noqa: E402
-from recipes.merr.synthetic import read_synthetic_subsets  # noqa: E402
 from recipes.merr.tasks import parse_tasks  # noqa: E402
 
 STAGE_TASKS = {"coarse": ("emotion", "reason"), "fine": ("emotion", "reason_v2")}
@@ -447,13 +447,14 @@ def read_reference_outputs(path: str | Path) -> tuple[dict[str, torch.Tensor], t
 
 def generate_predictions(
     model: EmotionLlama, dataset: MERRDataset, encoder: PromptEncoder, device: torch.device, batch_size: int,
-    max_new_tokens: int,
+    max_new_tokens: int, task: str = "emotion",
 ) -> dict[str, str]:  # fmt: skip
-    """Greedy answers to the emotion prompt of every sample, ``{name: text}``, on every process. The samples are split
-    over the processes in equal shares (the last one repeated): ZeRO-3 needs every process in every generate call."""
+    """Greedy answers to the prompt of ``task`` (the first instruction of its pool, so that runs are comparable) for
+    every sample, ``{name: text}``, on every process. The samples are split over the processes in equal shares (the
+    last one repeated): ZeRO-3 needs every process in every generate call."""
     collate = MERRCollator(encoder, with_answer=False)
     rank, world = process_rank()
-    keys = dataset.keys("emotion")
+    keys = dataset.keys(task)
     share = math.ceil(len(keys) / world)
     keys = (keys + keys[-1:] * (share * world - len(keys)))[rank * share : (rank + 1) * share]
     predictions: dict[str, str] = {}
@@ -485,20 +486,13 @@ def evaluate(
     )
     if not args.should_save:
         return None
-    references = subset_references(dataset)
+    references = merr_references(dataset, "emotion")
     result, rows = score(predictions, references, ScoringConfig("recognition", resolve_labels(data_args.eval_labels)))
     for row in rows:
         row["prediction"] = predictions[row["id"]]
     write_report(result, rows, out_dir, name="MoSE")
     print(markdown_table([("MoSE", result)]), end="")
     return result
-
-
-def subset_references(dataset: MERRDataset) -> list[Reference]:
-    """The labels of ``dataset`` as references, with their CA-MER subset when ``synthetic_subsets.csv`` lists it."""
-    subsets_file = dataset.annotation_file.parent / SYNTHETIC_FILES["subsets"]
-    subsets = {s.name: s.subset for s in read_synthetic_subsets(subsets_file)} if subsets_file.exists() else {}
-    return [Reference(r.name, label=r.label, subset=subsets.get(r.name)) for r in dataset.records]
 
 
 def eval_dataset(data_args: DataArguments, data_root: Path) -> MERRDataset | None:

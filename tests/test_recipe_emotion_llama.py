@@ -239,7 +239,7 @@ def test_emotion_llama_checkpoint_key_mapping(tmp_path):
     assert len(report.loaded) == 10 and report.missing == [] and report.unknown == ["mystery_head.weight"]
     assert not report.complete
     assert report.ignored == {
-        "LLM / LoRA adapter weights (MoSE replaces the LoRA adapter)": 2,
+        "LLM / LoRA adapter weights (not projectors: see load_lora_checkpoint)": 2,
         "MiniGPTBase's unused auxiliary classifier": 1,
     }
     summary = report.summary()

@@ -350,15 +350,39 @@ def test_evaluate_runs_the_trained_model_with_and_without_attention_reallocation
     assert ids == {json.loads(line)["id"] for line in (eval_dir / "predictions_none.jsonl").read_text().splitlines()}
 
 
+def test_evaluate_generates_and_scores_reasoning_with_a_trained_run(default_run, tmp_path):
+    from recipes import evaluate
+
+    out, _ = default_run
+    eval_dir = tmp_path / "eval"
+    assert evaluate.main(["--task", "reasoning", "--run_dir", str(out), "--out_dir", str(eval_dir), "--name", "MoSEAR",
+                          "--strategies", "none,ar", "--tau", "0", "--max_new_tokens", "8"]) == 0  # fmt: skip
+    summary = json.loads((eval_dir / "scores.json").read_text())
+    assert [row["name"] for row in summary] == ["MoSEAR", "MoSEAR + AR"]
+    for row in summary:  # set-level scores per CA-MER subset, on the 60 test samples of the tiny default
+        assert row["task"] == "reasoning" and list(row["scores"]) == [*SUBSETS, "overall"]
+        assert [row["scores"][s]["num_samples"] for s in (*SUBSETS, "overall")] == [20, 20, 20, 60]
+        assert set(row["scores"]["overall"]) >= {"accuracy", "recall", "average"}
+    references = [json.loads(line) for line in (eval_dir / "references.jsonl").read_text().splitlines()]
+    assert all(r["reference"].startswith("In the video the person looks") for r in references)  # fine captions
+    for strategy in ("none", "ar"):
+        lines = (eval_dir / f"predictions_{strategy}.jsonl").read_text().splitlines()
+        assert [json.loads(line)["id"] for line in lines] == [r["id"] for r in references]
+
+
 @pytest.mark.parametrize(
     "argv, message",
-    [(["--strategies", "none,foo"], "Unknown strategies"), (["--task", "reasoning"], "scores recognition")],
+    [
+        (["--strategies", "none,foo"], "Unknown strategies"),
+        (["--projector_checkpoint", "x.pth"], "--projector_checkpoint go with --model_name_or_path"),
+    ],
 )
 def test_evaluate_model_mode_rejects_bad_options(default_run, tmp_path, capsys, argv, message):
     from recipes import evaluate
 
     out, _ = default_run
-    base = ["--task", "recognition", "--run_dir", str(out), "--out_dir", str(tmp_path)]
+    base = ["--task", "recognition", "--run_dir", str(out), "--out_dir", str(tmp_path / "eval")]
     with pytest.raises(SystemExit):
         evaluate.main(base + argv)
     assert message in capsys.readouterr().err
+    assert not (tmp_path / "eval").exists()

@@ -1,4 +1,4 @@
-"""Projector weights: initialisation from MiniGPT-v2 / Emotion-LLaMA ``.pth`` checkpoints, and our own safetensors.
+"""MiniGPT-v2 / Emotion-LLaMA ``.pth`` checkpoints (projectors, the LLM's LoRA) and our own projector safetensors.
 
 The original checkpoints are ``torch.save({"model": state_dict, "optimizer": ..., "config": ..., "epoch": ...})``
 where ``state_dict`` holds the trainable parameters of ``MiniGPTv2`` (``minigpt4/models/minigpt_v2.py``). Key mapping:
@@ -14,16 +14,23 @@ original key                      ours                 shape (real model)
 ================================  ===================  ==================================
 
 ``minigptv2_checkpoint.pth`` holds only ``llama_proj``; the other four are then reported missing.
+
+Both also hold the LLM's LoRA adapter (r 64, alpha 16, dropout 0.05 on ``q_proj`` and ``v_proj``, saved by peft 0.2.0,
+so without an adapter name): ``llama_model.base_model.model.<module>.lora_{A,B}.weight`` is PEFT's
+``base_model.model.<module>.lora_{A,B}.default.weight``. :func:`load_lora_checkpoint` loads it for the Emotion-LLaMA
+baseline; MoSE training replaces it.
 """
 
 from __future__ import annotations
 
 import pickle
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -37,7 +44,7 @@ ORIGINAL_TO_OURS = {
 
 # Key prefixes the original checkpoints hold besides the projectors: known, never loaded.
 IGNORED_PREFIXES = {
-    "llama_model.": "LLM / LoRA adapter weights (MoSE replaces the LoRA adapter)",
+    "llama_model.": "LLM / LoRA adapter weights (not projectors: see load_lora_checkpoint)",
     "attention.": "MiniGPTBase's unused auxiliary classifier",
     "visual_encoder.": "vision encoder (EVA features are pre-extracted)",
     "ln_vision.": "vision layer norm (applied when extracting EVA features)",
@@ -133,6 +140,105 @@ def load_projector_checkpoint(
     if strict and not report.complete:
         raise ValueError(report.summary())
     return report
+
+
+# Emotion-LLaMA's LoRA (minigpt4/models/minigpt_v2.py and its configs: r 64, alpha 16). Later peft versions than the
+# original's 0.2.0 insert the adapter name (".default") before ".weight".
+EMOTION_LLAMA_LORA = {"r": 64, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": ("q_proj", "v_proj")}
+_LORA_KEY = re.compile(r"^llama_model\.base_model\.model\.(?P<module>.+)\.lora_(?P<kind>[AB])(?:\.default)?\.weight$")
+# Known LLM keys of the original checkpoints besides the LoRA: RoPE frequencies, a persistent buffer in transformers
+# 4.30, which transformers now computes itself.
+_LLM_BUFFERS = {re.compile(r"\.rotary_emb\.inv_freq$"): "RoPE inv_freq buffers (computed by transformers)"}
+
+
+def emotion_llama_lora_config() -> LoraConfig:
+    """The LoRA configuration of Emotion-LLaMA / MiniGPT-v2, for inference."""
+    values = {**EMOTION_LLAMA_LORA, "target_modules": list(EMOTION_LLAMA_LORA["target_modules"])}
+    return LoraConfig(**values, bias="none", task_type="CAUSAL_LM", inference_mode=True)
+
+
+@dataclass
+class LoraLoadReport:
+    """What :func:`load_lora_checkpoint` did: ``loaded`` / ``missing`` are the PEFT model's LoRA parameter names,
+    ``unknown`` the checkpoint's LLM keys it did not recognise, ``ignored`` the known other LLM keys per kind."""
+
+    path: Path
+    config: LoraConfig
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unknown: list[str] = field(default_factory=list)
+    ignored: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        """True when every LoRA parameter was loaded and no LLM key was unknown."""
+        return not self.missing and not self.unknown
+
+    def summary(self) -> str:
+        """A multi-line, human-readable account of the load."""
+        targets = ", ".join(sorted(self.config.target_modules))
+        lines = [
+            f"LoRA checkpoint {self.path}: loaded {len(self.loaded)} tensors "
+            + f"(r {self.config.r}, alpha {self.config.lora_alpha}, on {targets})."
+        ]
+        for label, keys in (("missing (left at PEFT's initialisation, B = 0)", self.missing),
+                            ("unknown LLM keys (not loaded)", self.unknown)):  # fmt: skip
+            if keys:
+                more = f", ... ({len(keys)} in all)" if len(keys) > 10 else ""
+                lines.append(f"  {label}: {', '.join(keys[:10])}{more}")
+        for kind, count in self.ignored.items():
+            lines.append(f"  ignored {count} keys: {kind}")
+        return "\n".join(lines)
+
+
+def has_lora_weights(path: str | Path) -> bool:
+    """Whether an original checkpoint holds LoRA weights of the LLM."""
+    return any(_LORA_KEY.match(key) for key in read_original_state_dict(path))
+
+
+def load_lora_checkpoint(
+    llm: nn.Module, path: str | Path, config: LoraConfig | None = None, strict: bool = False
+) -> tuple[PeftModel, LoraLoadReport]:
+    """Wrap ``llm`` in a PEFT LoRA model (``config``, default :func:`emotion_llama_lora_config`) and load the LoRA
+    weights of an original checkpoint into it; returns the model (eval mode) and a report.
+
+    A shape mismatch always raises ``ValueError`` (a checkpoint of another rank or LLM); with ``strict=True`` missing
+    LoRA parameters or unknown LLM keys raise too. Keys outside ``llama_model.`` are left to
+    :func:`load_projector_checkpoint`.
+    """
+    path = Path(path)
+    state = read_original_state_dict(path)
+    config = config if config is not None else emotion_llama_lora_config()
+    model = get_peft_model(llm, config)
+    own = {k: v for k, v in model.state_dict().items() if ".lora_" in k}
+    report = LoraLoadReport(path=path, config=config)
+    mapped: dict[str, torch.Tensor] = {}
+    ignored: Counter[str] = Counter()
+    for key, tensor in state.items():
+        if not key.startswith("llama_model."):
+            continue
+        match = _LORA_KEY.match(key)
+        ours = f"base_model.model.{match['module']}.lora_{match['kind']}.default.weight" if match else None
+        if ours in own:
+            if tuple(tensor.shape) != tuple(own[ours].shape):
+                raise ValueError(
+                    f"Checkpoint {path}: {key} has shape {tuple(tensor.shape)}, but {ours} needs "
+                    f"{tuple(own[ours].shape)} (LoRA r {config.r}: do the rank and the LLM match?)."
+                )
+            mapped[ours] = tensor
+            continue
+        kind = next((k for pattern, k in _LLM_BUFFERS.items() if pattern.search(key)), None)
+        if kind is None:
+            report.unknown.append(key)
+        else:
+            ignored[kind] += 1
+    model.load_state_dict(mapped, strict=False)
+    report.loaded = sorted(mapped)
+    report.missing = sorted(set(own) - set(mapped))
+    report.ignored = dict(ignored)
+    if strict and not report.complete:
+        raise ValueError(report.summary())
+    return model.eval(), report
 
 
 def save_projectors(projectors: nn.Module, path: str | Path) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from peft_mose import Modality
+from peft_mose import Modality, ModalityTracker
 from peft_mose.layout import insert_embeddings, prompt_only
 
 from .projectors import FEATURE_KEYS, EmotionLlamaProjectors
@@ -38,8 +39,10 @@ def load_llm(model_name_or_path: str | Path, dtype: torch.dtype | None = None) -
 
 class EmotionLlama(nn.Module):
     """Builds ``inputs_embeds``/``attention_mask``/``labels``/``modality_ids`` from a collated MERR batch and runs
-    ``llm`` on them. ``llm`` is any causal LM (a plain one, or one wrapped by the MoSE tuner); ``modality_ids`` reach
-    it only when ``llm_accepts_modality_ids`` is set.
+    ``llm`` on them. ``llm`` is any causal LM (a plain one, a PEFT LoRA model, or one wrapped by the MoSE tuner);
+    ``modality_ids`` reach it as a keyword only when ``llm_accepts_modality_ids`` is set (MoSE). Otherwise they go to
+    the :class:`~peft_mose.ModalityTracker` attached to its transformers model, if any (attention reallocation
+    attaches one), so that AR and PAI see the visual and audio tokens of a model without MoSE too.
 
     Batch keys (see ``recipes.merr.collator``): ``input_ids``, ``attention_mask``, ``modality_ids``, optional
     ``labels``, and the features ``eva_patch`` [B, 256, 5632], ``eva_cls`` [B, 1408], ``face``, ``video``, ``audio``
@@ -110,10 +113,12 @@ class EmotionLlama(nn.Module):
     ):
         """Run the LLM on a batch, given as a mapping (``model(batch)``) or as keywords (``model(**batch)``, as
         HF ``Trainer`` does). Returns the LLM's output (with ``loss`` when the batch has ``labels``)."""
-        inputs = self.build_inputs({**(batch or {}), **batch_items})
+        batch = {**(batch or {}), **batch_items}
+        inputs = self.build_inputs(batch)
         if num_items_in_batch is not None:
             inputs["num_items_in_batch"] = num_items_in_batch
-        return self.llm(**inputs)
+        with self._tracker_session(batch["modality_ids"], generate=False):
+            return self.llm(**inputs)
 
     @torch.no_grad()
     def generate(self, batch: Mapping[str, torch.Tensor], **gen_kwargs) -> torch.Tensor:
@@ -125,7 +130,17 @@ class EmotionLlama(nn.Module):
         features = {k: batch[k] for k in FEATURE_KEYS if k in batch}
         inputs = self.build_inputs({**prompts, **features})
         gen_kwargs.setdefault("pad_token_id", self.pad_token_id)
-        return self.llm.generate(**inputs, **gen_kwargs)
+        with self._tracker_session(prompts["modality_ids"], generate=True):
+            return self.llm.generate(**inputs, **gen_kwargs)
+
+    def _tracker_session(self, modality_ids: torch.Tensor, generate: bool) -> contextlib.AbstractContextManager:
+        """A session of the modality tracker of an LLM that takes no ``modality_ids``, when one is attached; the
+        MoSE tuner opens its own from the keyword, and without a tracker nothing reads the ids."""
+        if self.llm_accepts_modality_ids:
+            return contextlib.nullcontext()
+        target = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
+        tracker = ModalityTracker.of(target)
+        return tracker.session(modality_ids, generate=generate) if tracker is not None else contextlib.nullcontext()
 
     def activation_checkpointing_enable(self, **kwargs) -> None:
         """Enable activation (gradient) checkpointing in the LLM; HF ``Trainer`` calls this when asked to."""

@@ -146,6 +146,15 @@ class MERRDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def caption(self, name: str, task: str) -> str:
+        """The caption a reasoning task answers with, as written in the caption JSON (``records`` hold it
+        normalised): the reference text of reasoning evaluation."""
+        self._check_task(task)
+        source = TASKS[task].answer_source
+        if source not in self._captions:
+            raise ValueError(f"Task {task!r} answers with the label, not a caption.")
+        return self._captions[source][1][name]
+
     def _check_task(self, task: str) -> None:
         if task not in self.tasks:
             raise ValueError(f"Task {task!r} was not loaded; this dataset has {self.tasks}.")
