@@ -11,7 +11,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import MoSEConfig
-from .experts import EXPERTS, expert_gates, mose_delta
+from .experts import EXPERTS, mose_delta, token_groups
 from .modality import Modality
 from .router import ModalityRouter, pool_modalities, routing_weight
 from .tracking import ModalityTracker, TokenState
@@ -92,7 +92,8 @@ class MoSELayer(BaseTunerLayer):
         raise ValueError(MERGE_ERROR)
 
     def _token_masks(self, state: TokenState | None, adapter_name: str, batch: int, seq: int, device) -> dict:
-        """Per-token expert indicators and the router's pooling weights for this call, memoised per forward."""
+        """Per-token expert indicators, the tokens grouped by the experts they use and the router's pooling
+        weights for this call, memoised per forward."""
         visual, nonvisual = self.expert_ids[adapter_name]
         if state is None:
             ids = torch.full((batch, seq), int(Modality.TEXT), dtype=torch.long, device=device)
@@ -118,6 +119,7 @@ class MoSELayer(BaseTunerLayer):
             "visual": is_visual.float(),
             "nonvisual": is_nonvisual.float(),
             "tokens": torch.stack([is_visual, is_nonvisual, valid], dim=-1).float(),
+            "groups": token_groups(is_visual, is_nonvisual),
             "pool": pool,
         }
         if key is not None:
@@ -158,9 +160,11 @@ class MoSELayer(BaseTunerLayer):
                 [lam[:, None] * masks["visual"], (1 - lam[:, None]) * masks["nonvisual"], torch.ones_like(masks["visual"])],
                 dim=-1,
             ) * self.scaling[name]
-            x_d = self.mose_dropout[name](x_a)
-            gates = expert_gates(x_d, self.mose_gate[name] if name in self.mose_gate else None, self.n_experts[name])
-            delta = mose_delta(x_d, A, self.mose_B[name], gates, coef.to(A.dtype))
+            dropout = self.mose_dropout[name]
+            # without dropout the experts get `x` itself and cast it: backward keeps no copy in A's dtype
+            x_d = x if isinstance(dropout, nn.Identity) else dropout(x_a)
+            gate = self.mose_gate[name] if name in self.mose_gate else None
+            delta, gates = mose_delta(x_d, A, self.mose_B[name], gate, coef.to(A.dtype), masks["groups"])
             result = result + delta.to(result.dtype)
             self._record(name, lam, gates, masks["tokens"])
         return result
@@ -170,7 +174,7 @@ class MoSELayer(BaseTunerLayer):
         """Keep the last call's routing for :meth:`MoSEModel.routing_stats`: ``lambda [batch]`` and each expert's
         mean gate weights over the tokens it processes, ``[batch, 3, N]``."""
         counts = tokens.sum(1).clamp_min(1.0)
-        mean_gates = torch.einsum("bse,bsen->ben", tokens.to(gates.dtype), gates) / counts[..., None].to(gates.dtype)
+        mean_gates = (tokens.to(gates.dtype).unsqueeze(-1) * gates).sum(1) / counts[..., None].to(gates.dtype)
         self.routing_record[adapter_name] = {"lambda": lam.detach(), "expert_weights": mean_gates}
 
     def __repr__(self) -> str:

@@ -1,6 +1,8 @@
 """A slow, loop-by-loop MoSE layer written from the paper's equations, independent of the fast path.
 
 Loops over samples, tokens and experts; matrix-vector products in float64; softmax, GELU and means written out.
+Built from torch operations on float64 copies of the weights (:func:`reference_params`), so autograd gives
+reference gradients for every weight and the input.
 """
 
 from __future__ import annotations
@@ -14,13 +16,36 @@ from peft_mose import Modality
 VISUAL, NONVISUAL, OMNI = 0, 1, 2
 
 
+def reference_params(layer, adapter: str) -> dict[str, torch.Tensor]:
+    """float64 copies of the layer's weights, as leaves that require grad (names as in the layer)."""
+    router = layer.mose_router[adapter]
+    params = {
+        "mose_A": layer.mose_A[adapter],
+        "mose_B": layer.mose_B[adapter],
+        "mose_router.in_weight": router.in_weight,
+        "mose_router.in_bias": router.in_bias,
+        "mose_router.out_weight": router.out_weight,
+        "mose_router.out_bias": router.out_bias,
+        "base_layer.weight": layer.base_layer.weight,
+    }
+    if adapter in layer.mose_gate:
+        params["mose_gate"] = layer.mose_gate[adapter]
+    if layer.base_layer.bias is not None:
+        params["base_layer.bias"] = layer.base_layer.bias
+    return {name: p.detach().double().requires_grad_() for name, p in params.items()}
+
+
 def reference_lambda(layer, adapter: str, x: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor) -> list[float]:
     """Eq. 3 per sample: means over visual / non-visual prompt tokens (a zero vector when there are none)."""
+    with torch.no_grad():
+        lambdas = _lambdas(layer, adapter, x.double(), ids, valid, reference_params(layer, adapter))
+    return [float(lam) for lam in lambdas]
+
+
+def _lambdas(layer, adapter: str, x: torch.Tensor, ids, valid, params: dict) -> list[torch.Tensor]:
     visual_set, nonvisual_set = layer.expert_ids[adapter]
-    router = layer.mose_router[adapter]
-    w_in, b_in = router.in_weight.detach().double(), router.in_bias.detach().double()
-    w_out, b_out = router.out_weight.detach().double(), router.out_bias.detach().double()
-    x = x.detach().double()
+    w_in, b_in = params["mose_router.in_weight"], params["mose_router.in_bias"]
+    w_out, b_out = params["mose_router.out_weight"], params["mose_router.out_bias"]
     lambdas = []
     for b in range(x.shape[0]):
         groups = []
@@ -33,32 +58,32 @@ def reference_lambda(layer, adapter: str, x: torch.Tensor, ids: torch.Tensor, va
             groups.append(sum(rows) / len(rows) if rows else torch.zeros(x.shape[2], dtype=x.dtype))
         hidden = w_in @ torch.cat(groups) + b_in
         hidden = 0.5 * hidden * (1 + torch.erf(hidden / math.sqrt(2)))
-        score = float((w_out @ hidden + b_out)[0])
-        lambdas.append(0.5 + layer.eps[adapter] * math.tanh(score))
+        score = (w_out @ hidden + b_out)[0]
+        lambdas.append(0.5 + layer.eps[adapter] * torch.tanh(score))
     return lambdas
 
 
 def reference_output(
-    layer, adapter: str, x: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor, lambdas: list[float] | None = None
+    layer, adapter: str, x: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor, params: dict | None = None
 ) -> torch.Tensor:
-    """Eq. 4 with Eq. 2 experts, token by token, in float64."""
-    x = x.detach().double()
-    A = layer.mose_A[adapter].detach().double()
-    B = layer.mose_B[adapter].detach().double()
-    gate = layer.mose_gate[adapter].detach().double() if adapter in layer.mose_gate else None
+    """Eq. 4 with Eq. 2 experts, token by token, in float64. With ``params`` from :func:`reference_params` (and a
+    float64 ``x`` that requires grad), the output is differentiable with respect to them."""
+    if params is None:
+        with torch.no_grad():
+            return reference_output(layer, adapter, x.detach(), ids, valid, reference_params(layer, adapter))
+    x = x.double()
+    A, B, gate = params["mose_A"], params["mose_B"], params.get("mose_gate")
+    weight, bias = params["base_layer.weight"], params.get("base_layer.bias", 0.0)
     n = B.shape[2]
     scaling = layer.scaling[adapter]
     visual_set, nonvisual_set = layer.expert_ids[adapter]
-    if lambdas is None:
-        lambdas = reference_lambda(layer, adapter, x, ids, valid)
-    weight = layer.base_layer.weight.detach().double()
-    bias = layer.base_layer.bias.detach().double() if layer.base_layer.bias is not None else 0.0
-    out = torch.empty(x.shape[0], x.shape[1], B.shape[0], dtype=torch.float64)
+    lambdas = _lambdas(layer, adapter, x, ids, valid, params)
+    rows = []
     for b in range(x.shape[0]):
         for t in range(x.shape[1]):
             token = x[b, t]
             modality = int(ids[b, t])
-            out[b, t] = weight @ token + bias
+            out = weight @ token + bias
             weights = {OMNI: 1.0}
             if modality in visual_set:
                 weights[VISUAL] = lambdas[b]
@@ -68,10 +93,12 @@ def reference_output(
                 if gate is None:
                     alpha = [1.0]
                 else:
-                    logits = [float(gate[expert, i] @ token) for i in range(n)]
-                    exps = [math.exp(v - max(logits)) for v in logits]
+                    logits = [gate[expert, i] @ token for i in range(n)]
+                    shift = max(float(v.detach()) for v in logits)
+                    exps = [torch.exp(v - shift) for v in logits]
                     alpha = [v / sum(exps) for v in exps]
                 down = A[expert] @ token
                 expert_out = sum(alpha[i] * (B[:, expert, i, :] @ down) for i in range(n))
-                out[b, t] += scaling * expert_weight * expert_out
-    return out
+                out = out + scaling * expert_weight * expert_out
+            rows.append(out)
+    return torch.stack(rows).view(x.shape[0], x.shape[1], -1)

@@ -6,13 +6,15 @@ import copy
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from mose_reference import reference_lambda, reference_output
+from expert_paths import expert_path
+from mose_reference import reference_lambda, reference_output, reference_params
 from peft_mose import Modality, MoSEConfig, MoSELayer
+from peft_mose.experts import EVERY_EXPERT, mose_delta, token_groups
 
 T, V, A, ANS = int(Modality.TEXT), int(Modality.VISUAL), int(Modality.AUDIO), int(Modality.ANSWER)
 
@@ -56,12 +58,14 @@ def run(model, layer, ids, mask=None, dtype=torch.float32, seed=1):
     return x, model(inputs_embeds=x, attention_mask=mask, modality_ids=ids)
 
 
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped", "every_expert"])
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
 @pytest.mark.parametrize("n_experts", [1, 2, 3])
-def test_fast_path_matches_reference_fp32(name, n_experts):
+def test_fast_path_matches_reference_fp32(name, n_experts, grouped):
     model, layer = wrap(cfg(n_experts=n_experts))
     ids = torch.tensor(LAYOUTS[name])
-    x, out = run(model, layer, ids)
+    with expert_path(grouped):
+        x, out = run(model, layer, ids)
     valid = torch.ones_like(ids, dtype=torch.bool)
     ref = reference_output(layer, "default", x, ids, valid)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
@@ -70,44 +74,178 @@ def test_fast_path_matches_reference_fp32(name, n_experts):
     torch.testing.assert_close(lam.double(), torch.tensor(reference_lambda(layer, "default", x, ids, valid)).double())
 
 
-def test_padding_is_excluded_from_the_router_and_outputs_match_reference():
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped", "every_expert"])
+def test_padding_is_excluded_from_the_router_and_outputs_match_reference(grouped):
     model, layer = wrap(cfg())
     ids = torch.tensor([[T, T, V, V, A, T, T], [T, V, V, A, T, T, T]])
     mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0, 0]])
-    x, out = run(model, layer, ids, mask=mask)
+    with expert_path(grouped):
+        x, out = run(model, layer, ids, mask=mask)
+        padded = x.clone()
+        padded[mask == 0] = 1e3
+        out_changed = model(inputs_embeds=padded, attention_mask=mask, modality_ids=ids)
     ref = reference_output(layer, "default", x, ids, mask.bool())
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
-    padded = x.clone()
-    padded[mask == 0] = 1e3
-    out_changed = model(inputs_embeds=padded, attention_mask=mask, modality_ids=ids)
     torch.testing.assert_close(out_changed[mask.bool()], out[mask.bool()])
 
 
-@given(data=st.data())
-def test_random_layouts_match_reference(data):
+def draw_layout(data) -> tuple[torch.Tensor, torch.Tensor]:
+    """Modality ids and an attention mask ``[batch, seq]``: any mix of text, visual, audio and answer tokens."""
     batch = data.draw(st.integers(1, 3))
     seq = data.draw(st.integers(1, 9))
     ids = torch.tensor(data.draw(st.lists(st.lists(st.sampled_from([T, V, A, ANS]), min_size=seq, max_size=seq),
                                           min_size=batch, max_size=batch)))
     mask = torch.tensor(data.draw(st.lists(st.lists(st.integers(0, 1), min_size=seq, max_size=seq),
                                            min_size=batch, max_size=batch)))
+    return ids, mask
+
+
+def draw_config(data, **kw) -> MoSEConfig:
     nonvisual = data.draw(st.sampled_from([["text", "audio"], ["audio"]]))
-    answer = data.draw(st.sampled_from(["text", "omni"]))
-    model, layer = wrap(cfg(nonvisual_modalities=nonvisual, answer_modality=answer), seed=data.draw(st.integers(0, 3)))
-    x, out = run(model, layer, ids, mask=mask)
+    return cfg(nonvisual_modalities=nonvisual, answer_modality=data.draw(st.sampled_from(["text", "omni"])), **kw)
+
+
+@given(data=st.data())
+def test_random_layouts_match_reference(data):
+    ids, mask = draw_layout(data)
+    model, layer = wrap(draw_config(data), seed=data.draw(st.integers(0, 3)))
+    with expert_path(data.draw(st.booleans(), label="grouped")):
+        x, out = run(model, layer, ids, mask=mask)
     torch.testing.assert_close(out.double(), reference_output(layer, "default", x, ids, mask.bool()),
                                rtol=1e-5, atol=1e-5)
 
 
-def test_bf16_base_with_fp32_adapter_matches_reference():
+@settings(max_examples=30)
+@given(data=st.data())
+def test_gradients_match_reference_float64(data):
+    """Every adapter weight, the router (through lambda) and the input get the reference's gradients, whether the
+    tokens are grouped by expert or every token runs every expert. (The router's pooling weights are float32, shared
+    by all layers, which limits the agreement of lambda to about 1e-8.)"""
+    ids, mask = draw_layout(data)
+    model, layer = wrap(draw_config(data, n_experts=data.draw(st.integers(1, 3))), seed=data.draw(st.integers(0, 3)))
+    model.double().train()
+    x = torch.randn(*ids.shape, layer.in_features, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(*ids.shape, layer.out_features, dtype=torch.float64)
+    params = reference_params(layer, "default")
+    x_ref = x.detach().clone().requires_grad_()
+    (reference_output(layer, "default", x_ref, ids, mask.bool(), params) * weight).sum().backward()
+    trainable = {name.replace(".default", ""): p for name, p in layer.named_parameters() if p.requires_grad}
+    assert trainable.keys() == params.keys() - {"base_layer.weight", "base_layer.bias"}
+    for grouped in (True, False):
+        with expert_path(grouped):
+            out = model(inputs_embeds=x, attention_mask=mask, modality_ids=ids)
+        (out * weight).sum().backward()
+        for name, p in trainable.items():
+            expected = params[name].grad if params[name].grad is not None else torch.zeros_like(p)  # lambda unused
+            torch.testing.assert_close(p.grad, expected, rtol=1e-5, atol=1e-7,
+                                       msg=lambda m, name=name, grouped=grouped: f"{name}, {grouped=}: {m}")
+        torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-7,
+                                   msg=lambda m, grouped=grouped: f"input, {grouped=}: {m}")
+        model.zero_grad(set_to_none=True)
+        x.grad = None
+
+
+@settings(max_examples=25)
+@given(
+    kinds=st.lists(st.sampled_from([0, 1, 2]), min_size=1, max_size=6),
+    n_experts=st.integers(1, 3),
+    grouped=st.booleans(),
+)
+def test_expert_function_passes_gradcheck(kinds, n_experts, grouped):
+    """The custom backward of the experts (recomputing h and z) against finite differences in float64, for tokens
+    of each kind (0 visual, 1 non-visual, 2 omni only; groups may be empty) and both execution plans."""
+    torch.manual_seed(len(kinds))
+    kind = torch.tensor(kinds)
+    d_in, d_out, r = 4, 3, 2
+
+    def leaf(*shape):
+        return torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+
+    x, A, B = leaf(len(kinds), d_in), leaf(3, r, d_in), leaf(d_out, 3, n_experts, r)
+    gate = leaf(3, n_experts, d_in) if n_experts > 1 else None
+    used = torch.stack([kind == 0, kind == 1, torch.ones_like(kind, dtype=torch.bool)], -1)
+    coef = (torch.rand(len(kinds), 3, dtype=torch.float64) * used).requires_grad_()
+    groups = token_groups(kind == 0, kind == 1)
+
+    def delta(x, A, B, gate, coef):
+        with expert_path(grouped):
+            return mose_delta(x, A, B, gate, coef, groups)[0]
+
+    assert torch.autograd.gradcheck(delta, (x, A, B, gate, coef))
+
+
+@given(kinds=st.lists(st.sampled_from([0, 1, 2]), min_size=1, max_size=12), shape=st.sampled_from([(12,), (3, 4)]))
+def test_token_groups_partition_the_tokens(kinds, shape):
+    """Each token lands in exactly one group, the one that runs its experts; empty groups are left out and a group of
+    every token gathers nothing."""
+    kind = torch.tensor((kinds * 12)[:12]).view(shape)
+    groups = token_groups(kind == 0, kind == 1)
+    expected = {0: (0, 2), 1: (1, 2), 2: (2,)}
+    seen = []
+    for rows, experts in groups:
+        members = torch.arange(12) if rows is None else rows
+        assert members.numel() > 0
+        assert all(expected[int(k)] == experts for k in kind.flatten()[members])
+        seen.append(members)
+    assert sorted(torch.cat(seen).tolist()) == list(range(12))
+    assert (groups[0].rows is None) == (len(set(kind.flatten().tolist())) == 1)
+    assert token_groups(kind.to("meta") == 0, kind.to("meta") == 1) == EVERY_EXPERT
+
+
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped", "every_expert"])
+def test_backward_keeps_no_activation_of_the_experts_width(grouped):
+    """Counted, not timed: besides the input (which LoRA keeps too) and the parameters, a layer saves a few numbers
+    per token for backward (the gates and expert weights), less than one rank-r activation; the experts' h
+    [tokens, 3r] and z [tokens, 3Nr] are recomputed."""
+    r, n_experts = 16, 2
+    model, _ = wrap(cfg(r=r, n_experts=n_experts), d_in=64, d_out=64)
+    model.train()
+    ids = torch.tensor(LAYOUTS["complete"]).repeat(1, 8)
+    x = torch.randn(*ids.shape, 64, requires_grad=True)
+    saved = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved[t.untyped_storage().data_ptr()] = t
+        return t
+
+    with expert_path(grouped), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(inputs_embeds=x, modality_ids=ids)
+    kept = {x.untyped_storage().data_ptr()} | {p.untyped_storage().data_ptr() for p in model.parameters()}
+    extra = [t for ptr, t in saved.items() if ptr not in kept]
+    tokens = ids.numel()
+    assert max(t.numel() for t in extra) <= tokens * 3 * n_experts  # the gates; nothing r wide
+    assert sum(t.untyped_storage().nbytes() for t in extra) < tokens * r * 4  # the old path kept 3r + 3Nr floats
+
+
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped", "every_expert"])
+def test_bf16_base_with_fp32_adapter_matches_reference(grouped):
     model, layer = wrap(cfg(n_experts=2))
     model.base_model.model.proj.base_layer.to(torch.bfloat16)
     assert layer.mose_A["default"].dtype == torch.float32
     ids = torch.tensor(LAYOUTS["complete"])
-    x, out = run(model, layer, ids, dtype=torch.bfloat16)
+    with expert_path(grouped):
+        x, out = run(model, layer, ids, dtype=torch.bfloat16)
     assert out.dtype == torch.bfloat16
     ref = reference_output(layer, "default", x.float(), ids, torch.ones_like(ids, dtype=torch.bool))
     torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped", "every_expert"])
+def test_autocast_computes_the_experts_in_bf16(grouped):
+    """Under autocast (what mixed-precision trainers use) the experts run in the autocast dtype, like F.linear would,
+    and every adapter weight still gets an fp32 gradient."""
+    model, layer = wrap(cfg(n_experts=2))
+    model.train()
+    ids = torch.tensor(LAYOUTS["complete"])
+    with expert_path(grouped), torch.autocast("cpu", dtype=torch.bfloat16):
+        x, out = run(model, layer, ids)
+        out.float().pow(2).sum().backward()
+    assert out.dtype == torch.bfloat16
+    ref = reference_output(layer, "default", x, ids, torch.ones_like(ids, dtype=torch.bool))
+    torch.testing.assert_close(out.double(), ref, rtol=5e-2, atol=5e-2)
+    for name, p in layer.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.dtype == torch.float32 and p.grad.abs().sum() > 0, name
 
 
 def test_eps_zero_gives_lambda_exactly_one_half():

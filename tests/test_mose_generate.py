@@ -9,15 +9,18 @@ import torch
 from peft import get_peft_model
 
 from conftest import layout, random_tokens
+from expert_paths import expert_path
 from mose_reference import reference_lambda
 from peft_mose import Modality, MoSEConfig, MoSELayer
 
 GEN = dict(max_new_tokens=6, do_sample=False)
 
 
-@pytest.fixture
-def mose(llama):
-    return get_peft_model(llama, MoSEConfig(r=8, n_experts=2, eps=0.3, init_weights=False, lora_dropout=0.0)).eval()
+@pytest.fixture(params=[True, False], ids=["grouped", "every_expert"])
+def mose(llama, request):
+    """The tiny MoSE Llama, with the tokens grouped by expert and with every expert on every token."""
+    with expert_path(request.param):
+        yield get_peft_model(llama, MoSEConfig(r=8, n_experts=2, eps=0.3, init_weights=False, lora_dropout=0.0)).eval()
 
 
 def mose_layers(model):
