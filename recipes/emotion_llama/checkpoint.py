@@ -26,6 +26,7 @@ from __future__ import annotations
 import pickle
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -112,34 +113,52 @@ def load_projector_checkpoint(
     A shape mismatch always raises ``ValueError``; with ``strict=True`` missing or unknown keys raise too.
     """
     path = Path(path)
-    state = read_original_state_dict(path)
-    own = projectors.state_dict()
     report = ProjectorLoadReport(path=path)
-    mapped: dict[str, torch.Tensor] = {}
-    ignored: Counter[str] = Counter()
-    for key, tensor in state.items():
+
+    def ours(key: str) -> str | None:
         module, _, param = key.partition(".")
-        if module in ORIGINAL_TO_OURS and f"{ORIGINAL_TO_OURS[module]}.{param}" in own:
-            ours = f"{ORIGINAL_TO_OURS[module]}.{param}"
-            if tuple(tensor.shape) != tuple(own[ours].shape):
-                raise ValueError(
-                    f"Checkpoint {path}: {key} has shape {tuple(tensor.shape)}, but {ours} needs "
-                    f"{tuple(own[ours].shape)} (do the LLM hidden size and the feature dimensions match?)."
-                )
-            mapped[ours] = tensor
-            continue
-        kind = next((k for prefix, k in IGNORED_PREFIXES.items() if key.startswith(prefix)), None)
-        if kind is None:
-            report.unknown.append(key)
-        else:
-            ignored[kind] += 1
-    projectors.load_state_dict(mapped, strict=False)
-    report.loaded = sorted(mapped)
-    report.missing = sorted(set(own) - set(mapped))
-    report.ignored = dict(ignored)
+        return f"{ORIGINAL_TO_OURS[module]}.{param}" if module in ORIGINAL_TO_OURS else None
+
+    def ignored_kind(key: str) -> str | None:
+        return next((k for prefix, k in IGNORED_PREFIXES.items() if key.startswith(prefix)), None)
+
+    hint = "do the LLM hidden size and the feature dimensions match?"
+    _load_mapped(projectors, projectors.state_dict(), read_original_state_dict(path), ours, ignored_kind, hint, report)
     if strict and not report.complete:
         raise ValueError(report.summary())
     return report
+
+
+def _load_mapped(
+    module: nn.Module,
+    own: dict[str, torch.Tensor],
+    state: dict[str, torch.Tensor],
+    ours: Callable[[str], str | None],
+    ignored_kind: Callable[[str], str | None],
+    hint: str,
+    report: ProjectorLoadReport | LoraLoadReport,
+) -> None:
+    """Load the checkpoint tensors whose name ``ours`` maps into ``own`` (``module``'s tensors of interest) and fill
+    ``report``: loaded, missing, unknown and per-kind ignored keys. A shape mismatch raises, naming both shapes."""
+    mapped: dict[str, torch.Tensor] = {}
+    ignored: Counter[str] = Counter()
+    for key, tensor in state.items():
+        name = ours(key)
+        if name in own:
+            if tuple(tensor.shape) != tuple(own[name].shape):
+                raise ValueError(
+                    f"Checkpoint {report.path}: {key} has shape {tuple(tensor.shape)}, but {name} needs "
+                    f"{tuple(own[name].shape)} ({hint})."
+                )
+            mapped[name] = tensor
+        elif (kind := ignored_kind(key)) is not None:
+            ignored[kind] += 1
+        else:
+            report.unknown.append(key)
+    module.load_state_dict(mapped, strict=False)
+    report.loaded = sorted(mapped)
+    report.missing = sorted(set(own) - set(mapped))
+    report.ignored = dict(ignored)
 
 
 # Emotion-LLaMA's LoRA (minigpt4/models/minigpt_v2.py and its configs: r 64, alpha 16). Later peft versions than the
@@ -207,35 +226,21 @@ def load_lora_checkpoint(
     :func:`load_projector_checkpoint`.
     """
     path = Path(path)
-    state = read_original_state_dict(path)
+    state = {k: v for k, v in read_original_state_dict(path).items() if k.startswith("llama_model.")}
     config = config if config is not None else emotion_llama_lora_config()
     model = get_peft_model(llm, config)
     own = {k: v for k, v in model.state_dict().items() if ".lora_" in k}
     report = LoraLoadReport(path=path, config=config)
-    mapped: dict[str, torch.Tensor] = {}
-    ignored: Counter[str] = Counter()
-    for key, tensor in state.items():
-        if not key.startswith("llama_model."):
-            continue
+
+    def ours(key: str) -> str | None:
         match = _LORA_KEY.match(key)
-        ours = f"base_model.model.{match['module']}.lora_{match['kind']}.default.weight" if match else None
-        if ours in own:
-            if tuple(tensor.shape) != tuple(own[ours].shape):
-                raise ValueError(
-                    f"Checkpoint {path}: {key} has shape {tuple(tensor.shape)}, but {ours} needs "
-                    f"{tuple(own[ours].shape)} (LoRA r {config.r}: do the rank and the LLM match?)."
-                )
-            mapped[ours] = tensor
-            continue
-        kind = next((k for pattern, k in _LLM_BUFFERS.items() if pattern.search(key)), None)
-        if kind is None:
-            report.unknown.append(key)
-        else:
-            ignored[kind] += 1
-    model.load_state_dict(mapped, strict=False)
-    report.loaded = sorted(mapped)
-    report.missing = sorted(set(own) - set(mapped))
-    report.ignored = dict(ignored)
+        return f"base_model.model.{match['module']}.lora_{match['kind']}.default.weight" if match else None
+
+    def ignored_kind(key: str) -> str | None:
+        return next((k for pattern, k in _LLM_BUFFERS.items() if pattern.search(key)), None)
+
+    hint = f"LoRA r {config.r}: do the rank and the LLM match?"
+    _load_mapped(model, own, state, ours, ignored_kind, hint, report)
     if strict and not report.complete:
         raise ValueError(report.summary())
     return model.eval(), report
