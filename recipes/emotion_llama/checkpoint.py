@@ -136,7 +136,7 @@ def _load_mapped(
     ours: Callable[[str], str | None],
     ignored_kind: Callable[[str], str | None],
     hint: str,
-    report: ProjectorLoadReport | LoraLoadReport,
+    report: ProjectorLoadReport,
 ) -> None:
     """Load the checkpoint tensors whose name ``ours`` maps into ``own`` (``module``'s tensors of interest) and fill
     ``report``: loaded, missing, unknown and per-kind ignored keys. A shape mismatch raises, naming both shapes."""
@@ -177,21 +177,12 @@ def emotion_llama_lora_config() -> LoraConfig:
 
 
 @dataclass
-class LoraLoadReport:
+class LoraLoadReport(ProjectorLoadReport):
     """What :func:`load_lora_checkpoint` did: ``loaded`` / ``missing`` are the PEFT model's LoRA parameter names,
-    ``unknown`` the checkpoint's LLM keys it did not recognise, ``ignored`` the known other LLM keys per kind."""
+    ``unknown`` the checkpoint's LLM keys it did not recognise, ``ignored`` the known other LLM keys per kind;
+    ``complete`` when every LoRA parameter was loaded and no LLM key was unknown."""
 
-    path: Path
-    config: LoraConfig
-    loaded: list[str] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)
-    unknown: list[str] = field(default_factory=list)
-    ignored: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def complete(self) -> bool:
-        """True when every LoRA parameter was loaded and no LLM key was unknown."""
-        return not self.missing and not self.unknown
+    config: LoraConfig = field(default_factory=emotion_llama_lora_config)
 
     def summary(self) -> str:
         """A multi-line, human-readable account of the load."""
