@@ -27,6 +27,7 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from peft_mose import Modality, modality_ids_from_segments
+from peft_mose._compat.transformers import cache_keyword
 from peft_mose.attention import attention_reallocation
 
 FULL = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16,
@@ -74,6 +75,7 @@ def measure_ar_decode(
     modality_ids = emotion_llama_layout(8 if quick else 48).repeat(batch, 1)
     input_ids = torch.randint(3, config.vocab_size, modality_ids.shape)
     contexts = _contexts(modality_ids)
+    keyword = cache_keyword(base)
     shared = {id(p): p for p in base.parameters()}
     models = {name: copy.deepcopy(base, memo=dict(shared)) for name in contexts}
     names = list(contexts)
@@ -88,7 +90,7 @@ def measure_ar_decode(
             tokens, times = {}, {name: [] for name in names}
             for name in _rotated(names, rep):
                 seconds, out = _timed(lambda: models[name](
-                    input_ids=input_ids, attention_mask=masks[name], past_key_values=caches[name], use_cache=True,
+                    input_ids=input_ids, attention_mask=masks[name], **{keyword: caches[name]}, use_cache=True,
                     logits_to_keep=1))
                 times[name].append(seconds)
                 tokens[name] = out.logits[:, -1].argmax(-1, keepdim=True)
@@ -96,7 +98,7 @@ def measure_ar_decode(
                 for name in _rotated(names, rep + step):
                     masks[name] = torch.cat([masks[name], torch.ones_like(tokens[name])], dim=1)
                     seconds, out = _timed(lambda: models[name](
-                        input_ids=tokens[name], attention_mask=masks[name], past_key_values=caches[name],
+                        input_ids=tokens[name], attention_mask=masks[name], **{keyword: caches[name]},
                         use_cache=True))
                     times[name].append(seconds)
                     tokens[name] = out.logits[:, -1].argmax(-1, keepdim=True)

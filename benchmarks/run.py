@@ -145,10 +145,6 @@ def layer_benchmark(mose_model, mods: torch.Tensor, repeats: int, warmup: int, s
                     dtype=layer.mose_A["default"].dtype)
     lam = torch.full((mods.shape[0],), 0.55, device=mods.device)
 
-    tracker = mose_model.base_model.tracker
-    with tracker.session(mods):
-        tracker._pre_hook(None, (), {"inputs_embeds": x})  # the per-call state a model forward would build
-
     def fast() -> None:
         with torch.no_grad():
             layer(x)
@@ -161,7 +157,8 @@ def layer_benchmark(mose_model, mods: torch.Tensor, repeats: int, warmup: int, s
         with torch.no_grad():
             layer.base_layer(x)
 
-    return interleaved({"layer_fast": fast, "layer_naive": naive, "layer_frozen": frozen}, repeats, warmup, sync)
+    with mose_model.base_model.scope.layer_call(mods):  # the per-call context a model forward would open
+        return interleaved({"layer_fast": fast, "layer_naive": naive, "layer_frozen": frozen}, repeats, warmup, sync)
 
 
 def run(shape_name: str, device: str, dtype: torch.dtype, repeats: int, warmup: int) -> dict[str, Any]:

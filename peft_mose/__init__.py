@@ -8,12 +8,12 @@ import importlib
 
 from ._registration import register as _register
 from .config import MoSEConfig, MoSEPeftType
+from .context import ModalityContext, StepLayout
 from .experts import EXPERTS
 from .layer import MoSELayer, MoSELinear
 from .layout import IGNORE_INDEX, SegmentRow, collate_rows, encode_segments, insert_embeddings, prompt_only
 from .modality import Modality, modality_ids_from_segments, validate_modality_ids
-from .model import MoSEModel
-from .tracking import ModalityTracker, TokenState
+from .model import MoSEModel, is_mose_model
 
 _register()
 
@@ -47,17 +47,18 @@ __all__ = [
     "unimodal_attention_proportion",
     "IGNORE_INDEX",
     "Modality",
-    "ModalityTracker",
+    "ModalityContext",
     "MoSEConfig",
     "MoSELayer",
     "MoSELinear",
     "MoSEModel",
     "MoSEPeftType",
     "SegmentRow",
-    "TokenState",
+    "StepLayout",
     "collate_rows",
     "encode_segments",
     "insert_embeddings",
+    "is_mose_model",
     "modality_ids_from_segments",
     "prompt_only",
     "validate_modality_ids",

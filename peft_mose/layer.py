@@ -14,7 +14,7 @@ from .config import MoSEConfig
 from .experts import EXPERTS, mose_delta, token_groups
 from .modality import Modality
 from .router import ModalityRouter, pool_modalities, routing_weight
-from .tracking import ModalityTracker, TokenState
+from .context import ContextScope, ModalityContext, StepLayout
 
 MERGE_ERROR = (
     "MoSE adapters cannot be merged into the base weights: each token mixes its experts with its own weights "
@@ -30,7 +30,7 @@ class MoSELayer(BaseTunerLayer):
     adapter_layer_names = ("mose_A", "mose_B", "mose_gate", "mose_router")
     other_param_names = ("r", "lora_alpha", "scaling", "n_experts", "eps", "expert_ids", "mose_dropout")
 
-    def __init__(self, base_layer: nn.Module, tracker: Optional[ModalityTracker], layer_name: str) -> None:
+    def __init__(self, base_layer: nn.Module, scope: Optional[ContextScope], layer_name: str) -> None:
         self.base_layer = base_layer
         self.mose_A = nn.ParameterDict({})
         self.mose_B = nn.ParameterDict({})
@@ -45,9 +45,8 @@ class MoSELayer(BaseTunerLayer):
         self.expert_ids: dict[str, tuple[frozenset[int], frozenset[int]]] = {}
         self._disable_adapters = False
         self.merged_adapters = []
-        self.tracker = tracker
+        self.scope = scope
         self.layer_name = layer_name
-        self.routing_record: dict[str, dict[str, torch.Tensor]] = {}
         self.in_features, self.out_features = _layer_dims(base_layer)
 
     def update_layer(self, adapter_name: str, config: MoSEConfig) -> None:
@@ -91,25 +90,24 @@ class MoSELayer(BaseTunerLayer):
     def unmerge(self) -> None:
         raise ValueError(MERGE_ERROR)
 
-    def _token_masks(self, state: TokenState | None, adapter_name: str, batch: int, seq: int, device) -> dict:
+    def _token_masks(self, step: StepLayout | None, adapter_name: str, batch: int, seq: int, device) -> dict:
         """Per-token expert indicators, the tokens grouped by the experts they use and the router's pooling
-        weights for this call, memoised per forward."""
+        weights, ``[batch, seq]``-shaped; once per forward (memoised in the step) and expert modality sets."""
         visual, nonvisual = self.expert_ids[adapter_name]
-        if state is None:
+        if step is None:
             ids = torch.full((batch, seq), int(Modality.TEXT), dtype=torch.long, device=device)
             valid = torch.ones(batch, seq, dtype=torch.bool, device=device)
-            key = None
         else:
-            if state.batch_size != batch or state.new_length != seq:
+            if step.batch_size != batch or step.new_length != seq:
                 raise ValueError(
                     f"MoSE layer '{self.layer_name}' received input of batch {batch} and length {seq}, but the model "
-                    f"call has batch {state.batch_size} and {state.new_length} new tokens. MoSE targets must be layers "
+                    f"call has batch {step.batch_size} and {step.new_length} new tokens. MoSE targets must be layers "
                     "that process the model's token sequence (not e.g. a vision tower or cross-attention inputs)."
                 )
-            key = ("mose", visual, nonvisual)
-            if key in state.cache:
-                return state.cache[key]
-            ids, valid = state.new(state.modality_ids), state.new(state.valid)
+            key = (visual, nonvisual)
+            if key in step.expert_masks:
+                return step.expert_masks[key]
+            ids, valid = step.new(step.modality_ids), step.new(step.valid)
         is_visual = _isin(ids, visual)
         is_nonvisual = _isin(ids, nonvisual)
         prompt = valid & (ids != int(Modality.ANSWER))
@@ -122,22 +120,30 @@ class MoSELayer(BaseTunerLayer):
             "groups": token_groups(is_visual, is_nonvisual),
             "pool": pool,
         }
-        if key is not None:
-            state.cache[key] = masks
+        if step is not None:
+            step.expert_masks[(visual, nonvisual)] = masks
         return masks
 
-    def _routing_lambda(self, adapter_name: str, x: torch.Tensor, masks: dict, state: TokenState | None) -> torch.Tensor:
-        if state is None or state.compute_router:
+    def _routing_lambda(
+        self, adapter_name: str, x: torch.Tensor, masks: dict, context: ModalityContext | None
+    ) -> torch.Tensor:
+        """Eq. 3 on this call's prompt; a forward that continues a cached prompt reuses the prompt's weight."""
+        key = (self.layer_name, adapter_name)
+        if context is None or context.step is None or context.step.prefill:
             pooled = pool_modalities(x, masks["pool"])
-            return routing_weight(self.mose_router[adapter_name], pooled, self.eps[adapter_name])
-        cached = self.routing_record.get(adapter_name, {}).get("lambda")
-        if cached is None or cached.shape[0] != x.shape[0]:
+            lam = routing_weight(self.mose_router[adapter_name], pooled, self.eps[adapter_name])
+            if context is not None:
+                context.router_weights[key] = lam.detach()
+            return lam
+        lam = context.router_weights.get(key)
+        if lam is None or lam.shape[0] != x.shape[0]:
             raise ValueError(
-                f"MoSE layer '{self.layer_name}': this call continues a cached sequence, but no routing weight of a "
-                f"prompt with batch size {x.shape[0]} is stored. Run the prompt through the model first (generate "
-                "does this), passing its `modality_ids`."
+                f"MoSE layer '{self.layer_name}': this call continues a KV cache ({context.step.past_length} cached "
+                f"positions, batch {x.shape[0]}) whose prompt did not run through this MoSE model, so the prompt's "
+                "router weight is unknown. Run the prompt through the model first (generate does) and pass its cache "
+                "back, or pass the whole sequence without a cache."
             )
-        return cached.to(x.dtype)
+        return lam.to(x.dtype)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
@@ -146,36 +152,28 @@ class MoSELayer(BaseTunerLayer):
         active = [name for name in self.active_adapters if name in self.mose_A]
         if not active:
             return result
-        if x.dim() != 3:
-            raise ValueError(
-                f"MoSE layer '{self.layer_name}' expects input [batch, seq, features], got shape {tuple(x.shape)}."
-            )
-        state = self.tracker.state if self.tracker is not None else None
+        context = self.scope.current() if self.scope is not None else None
+        step = None if context is None else context.step
+        # any input [..., features]: the first dim is the batch, the others are tokens (a 1-D input is one token)
+        tokens = x.reshape(1 if x.dim() < 2 else x.shape[0], -1, x.shape[-1])
         for name in active:
             A = self.mose_A[name]
-            x_a = self._cast_input_dtype(x, A.dtype)
-            masks = self._token_masks(state, name, x.shape[0], x.shape[1], x.device)
-            lam = self._routing_lambda(name, x_a, masks, state)
+            x_a = self._cast_input_dtype(tokens, A.dtype)
+            masks = self._token_masks(step, name, tokens.shape[0], tokens.shape[1], x.device)
+            lam = self._routing_lambda(name, x_a, masks, context)
             coef = torch.stack(
                 [lam[:, None] * masks["visual"], (1 - lam[:, None]) * masks["nonvisual"], torch.ones_like(masks["visual"])],
                 dim=-1,
             ) * self.scaling[name]
             dropout = self.mose_dropout[name]
             # without dropout the experts get `x` itself and cast it: backward keeps no copy in A's dtype
-            x_d = x if isinstance(dropout, nn.Identity) else dropout(x_a)
+            x_d = tokens if isinstance(dropout, nn.Identity) else dropout(x_a)
             gate = self.mose_gate[name] if name in self.mose_gate else None
             delta, gates = mose_delta(x_d, A, self.mose_B[name], gate, coef.to(A.dtype), masks["groups"])
-            result = result + delta.to(result.dtype)
-            self._record(name, lam, gates, masks["tokens"])
+            result = result + delta.reshape(result.shape).to(result.dtype)
+            if context is not None:
+                context.expert_weights[(self.layer_name, name)] = _mean_gates(gates, masks["tokens"])
         return result
-
-    @torch.no_grad()
-    def _record(self, adapter_name: str, lam: torch.Tensor, gates: torch.Tensor, tokens: torch.Tensor) -> None:
-        """Keep the last call's routing for :meth:`MoSEModel.routing_stats`: ``lambda [batch]`` and each expert's
-        mean gate weights over the tokens it processes, ``[batch, 3, N]``."""
-        counts = tokens.sum(1).clamp_min(1.0)
-        mean_gates = (tokens.to(gates.dtype).unsqueeze(-1) * gates).sum(1) / counts[..., None].to(gates.dtype)
-        self.routing_record[adapter_name] = {"lambda": lam.detach(), "expert_weights": mean_gates}
 
     def __repr__(self) -> str:
         return "mose." + super().__repr__()
@@ -189,15 +187,22 @@ class MoSELinear(nn.Module, MoSELayer):
         base_layer: nn.Module,
         adapter_name: str,
         config: MoSEConfig,
-        tracker: Optional[ModalityTracker] = None,
+        scope: Optional[ContextScope] = None,
         layer_name: str = "",
     ) -> None:
         super().__init__()
-        MoSELayer.__init__(self, base_layer, tracker, layer_name)
+        MoSELayer.__init__(self, base_layer, scope, layer_name)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
 
     forward = MoSELayer.forward
+
+
+@torch.no_grad()
+def _mean_gates(gates: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Each expert's mean gate weights over the tokens it processes, ``[batch, 3, N]`` (routing statistics)."""
+    counts = tokens.sum(1).clamp_min(1.0)
+    return (tokens.to(gates.dtype).unsqueeze(-1) * gates).sum(1) / counts[..., None].to(gates.dtype)
 
 
 def _isin(ids: torch.Tensor, values: frozenset[int]) -> torch.Tensor:

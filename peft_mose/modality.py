@@ -74,6 +74,8 @@ def validate_modality_ids(modality_ids: torch.Tensor, batch: int | None = None, 
         raise ValueError(
             f"`modality_ids` has length {modality_ids.shape[1]} but the inputs have sequence length {length}."
         )
+    if modality_ids.device.type == "meta":
+        raise ValueError("`modality_ids` is on the meta device; pass a tensor with data.")
     if modality_ids.numel():
         lo, hi = int(modality_ids.min()), int(modality_ids.max())
         known = [m.value for m in Modality]

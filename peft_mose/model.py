@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -11,17 +13,17 @@ from torch import nn
 
 from .config import MoSEConfig
 from .layer import MERGE_ERROR, MoSELayer, MoSELinear
-from .modality import validate_modality_ids
-from .tracking import ModalityTracker
+from .context import ContextScope, check_prompt
 
 
 class MoSEModel(BaseTuner):
     """Creates MoSE experts on the targeted layers of a pretrained transformers model.
 
     Use through PEFT: ``get_peft_model(model, MoSEConfig(...))``. The model call and ``generate`` take
-    ``modality_ids`` (``[batch, seq]`` of :class:`peft_mose.Modality`), which reach every MoSE layer through a
-    :class:`~peft_mose.tracking.ModalityTracker` (its pre-hook takes the keyword out of the model call); without them
-    every prompt token is text.
+    ``modality_ids`` (``[batch, seq]`` of :class:`peft_mose.Modality`), the one way in for them: each call opens a
+    :class:`~peft_mose.context.ModalityContext` that every MoSE layer (and attention reallocation) reads, and closes
+    it on return. Without them every token is text. Works on any ``nn.Module``; ``task_type=None`` gives a plain
+    ``PeftModel``.
     """
 
     prefix: str = "mose_"
@@ -29,7 +31,8 @@ class MoSEModel(BaseTuner):
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
     def _pre_injection_hook(self, model: nn.Module, config: MoSEConfig, adapter_name: str) -> None:
-        self.tracker = ModalityTracker.attach(model)
+        if not hasattr(self, "scope"):
+            self.scope = ContextScope()
 
     def _create_and_replace(
         self,
@@ -46,32 +49,53 @@ class MoSEModel(BaseTuner):
         if isinstance(target, MoSELayer):
             target.update_layer(adapter_name, peft_config)
             return
-        new_module = MoSELinear(target, adapter_name, peft_config, tracker=self.tracker, layer_name=current_key)
+        new_module = MoSELinear(target, adapter_name, peft_config, scope=self.scope, layer_name=current_key)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
+    @contextlib.contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+        """Open the call's modality context; every ``PeftModel`` forward and ``generate`` enters here first."""
+        with self._modality_call(args, kwargs, generate=False):
+            yield
+
+    def forward(self, *args: Any, modality_ids: torch.Tensor | None = None, **kwargs: Any):
+        """The wrapped model's forward. ``modality_ids`` ``[batch, positions]`` cover every position the call
+        attends to, cached ones included; with a cache returned by an earlier call they may be left out."""
+        with self._modality_call(args, {**kwargs, "modality_ids": modality_ids}, generate=False):
+            return self.model(*args, **kwargs)
+
     def generate(self, *args: Any, modality_ids: torch.Tensor | None = None, **kwargs: Any):
         """``generate`` with ``modality_ids`` of the prompt (``[batch, prompt_len]``); generated tokens are answer
-        tokens and the router weight of the prompt is reused at every step."""
+        tokens, and the router weight of the prompt (computed at prefill) is used at every step."""
         if modality_ids is not None:
-            batch, length = _input_shape(args, kwargs)
-            validate_modality_ids(modality_ids, batch=batch, length=length)
-        with self.tracker.session(modality_ids, generate=True):
+            check_prompt(modality_ids, args, kwargs)
+        with self._modality_call(args, {**kwargs, "modality_ids": modality_ids}, generate=True):
             return self.model.generate(*args, **kwargs)
 
-    def routing_stats(self, adapter_name: str | None = None) -> dict[str, dict[str, torch.Tensor]]:
-        """The last forward's routing per MoSE layer: ``{layer: {"lambda": [batch], "expert_weights": [batch, 3, N]}}``.
+    @contextlib.contextmanager
+    def _modality_call(self, args: tuple, kwargs: dict, generate: bool) -> Iterator[None]:
+        """The context of this top-level call: the one ``PeftModel`` opened (a ``generate`` marks its ids as the
+        prompt's), or a new one when the tuner is called directly."""
+        context = self.scope.open_context()
+        if context is not None:
+            if generate:
+                context.prompt = context.generate = True
+            yield
+            return
+        # the ids are checked against each forward's shape (and cache) when it starts
+        with self.scope.call(self.model, kwargs.get("modality_ids"), generate=generate):
+            yield
 
-        ``expert_weights[b, e]`` is expert ``e``'s (visual, non-visual, omni) mean softmax gate over the tokens it
-        processed in sample ``b``. During ``generate`` the last forward is the last decode step (lambda is the
-        prompt's)."""
+    def routing_stats(self, adapter_name: str | None = None) -> dict[str, dict[str, torch.Tensor]]:
+        """The last call's routing per MoSE layer: ``{layer: {"lambda": [batch], "expert_weights": [batch, 3, N]}}``.
+
+        ``lambda`` is the prompt's router weight (Eq. 3); ``expert_weights[b, e]`` is expert ``e``'s (visual,
+        non-visual, omni) mean softmax gate over the tokens it processed in sample ``b`` in the call's last forward
+        (for ``generate``, the last decode step)."""
         name = adapter_name or self.active_adapters[0]
-        return {
-            module.layer_name: dict(module.routing_record[name])
-            for module in self.model.modules()
-            if isinstance(module, MoSELayer) and name in module.routing_record
-        }
+        return {layer: dict(stats) for (layer, adapter), stats in self.scope.last_routing.items() if adapter == name}
 
     def _check_merge_allowed(self) -> None:
         raise ValueError(MERGE_ERROR)
@@ -79,9 +103,7 @@ class MoSEModel(BaseTuner):
     def _unload_and_optionally_merge(self, merge: bool = True, **kwargs: Any) -> nn.Module:
         if merge:
             self._check_merge_allowed()
-        model = super()._unload_and_optionally_merge(merge=False, **kwargs)
-        self.tracker.detach(model)
-        return model
+        return super()._unload_and_optionally_merge(merge=False, **kwargs)
 
     @classmethod
     def _remap_adapter_state_dict_for_load(
@@ -118,12 +140,12 @@ class MoSEModel(BaseTuner):
         return remapped
 
 
-def _input_shape(args: tuple, kwargs: dict) -> tuple[int, int]:
-    inputs = kwargs.get("input_ids")
-    if inputs is None:
-        inputs = kwargs.get("inputs_embeds")
-    if inputs is None and args:
-        inputs = args[0]
-    if not isinstance(inputs, torch.Tensor):
-        raise ValueError("`modality_ids` was given but neither `input_ids` nor `inputs_embeds` was.")
-    return inputs.shape[0], inputs.shape[1]
+def mose_tuner(model: nn.Module) -> MoSEModel | None:
+    """The MoSE tuner of ``model`` (a PEFT model whose tuner is MoSE, or the tuner itself), else ``None``."""
+    tuner = model if isinstance(model, MoSEModel) else getattr(model, "base_model", None)
+    return tuner if isinstance(tuner, MoSEModel) else None
+
+
+def is_mose_model(model: nn.Module) -> bool:
+    """Whether ``model`` is a MoSE model, whose forward and ``generate`` take ``modality_ids``."""
+    return mose_tuner(model) is not None

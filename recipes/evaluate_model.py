@@ -8,7 +8,6 @@ Emotion-LLaMA base model, with or without AR or PAI, and score every variant sid
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
 from collections.abc import Mapping, Sequence
@@ -17,7 +16,6 @@ from pathlib import Path
 
 import torch
 
-from peft_mose.attention import attention_reallocation
 from recipes.emotion_llama.baseline import load_baseline
 from recipes.emotion_llama.features import FeatureSpec
 from recipes.emotion_llama.model import EmotionLlama
@@ -185,14 +183,12 @@ def load_model(config: ModelEvalConfig, spec: FeatureSpec) -> tuple[EmotionLlama
     return model.to(device), encoder
 
 
-def strategy_context(model: EmotionLlama, strategy: str, config: ModelEvalConfig) -> contextlib.AbstractContextManager:
-    """Nothing for ``none``; otherwise AR or PAI on the model's LLM (MoSE or not: the model hands its tracker the
-    modality ids of every call)."""
+def reallocation_options(strategy: str, config: ModelEvalConfig) -> dict | None:
+    """``None`` for ``none``; otherwise the :func:`~peft_mose.attention_reallocation` options of AR or PAI (the
+    model passes its modality ids along, MoSE or not)."""
     if strategy == "none":
-        return contextlib.nullcontext()
-    return attention_reallocation(
-        model.llm, tau=config.tau, strategy=strategy, alpha=config.alpha, layers=config.layers
-    )
+        return None
+    return {"tau": config.tau, "strategy": strategy, "alpha": config.alpha, "layers": config.layers}
 
 
 def evaluate_model(config: ModelEvalConfig) -> list[tuple[str, Mapping[str, object]]]:
@@ -221,9 +217,10 @@ def evaluate_model(config: ModelEvalConfig) -> list[tuple[str, Mapping[str, obje
     rows: list[tuple[str, Mapping[str, object]]] = []
     summary = []
     for strategy in strategies:
-        with strategy_context(model, strategy, config), torch.no_grad():
+        with torch.no_grad():
             predictions = generate_predictions(
-                model, dataset, encoder, device, config.batch_size, max_new_tokens, task=config.prompt_task
+                model, dataset, encoder, device, config.batch_size, max_new_tokens, task=config.prompt_task,
+                reallocation=reallocation_options(strategy, config),
             )
         records = [{"id": r.id, "prediction": predictions[r.id]} for r in references]
         write_jsonl(out / f"predictions_{strategy}.jsonl", records)

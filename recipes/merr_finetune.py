@@ -21,6 +21,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import PeftModel, get_peft_model
@@ -383,7 +384,7 @@ def build_model(
     projectors) when given, else the projectors from ``--projector_checkpoint`` when given."""
     llm = get_peft_model(load_llm(model_path), model_args.mose_config())
     projectors = EmotionLlamaProjectors.from_spec(spec, llm.config.hidden_size)
-    model = EmotionLlama(llm, projectors, tokenizer.pad_token_id, llm_accepts_modality_ids=True)
+    model = EmotionLlama(llm, projectors, tokenizer.pad_token_id)
     if init_dir is not None:
         load_trained_weights(model, init_dir)
     elif model_args.projector_checkpoint:
@@ -447,10 +448,11 @@ def read_reference_outputs(path: str | Path) -> tuple[dict[str, torch.Tensor], t
 
 def generate_predictions(
     model: EmotionLlama, dataset: MERRDataset, encoder: PromptEncoder, device: torch.device, batch_size: int,
-    max_new_tokens: int, task: str = "emotion",
+    max_new_tokens: int, task: str = "emotion", reallocation: Mapping[str, Any] | None = None,
 ) -> dict[str, str]:  # fmt: skip
     """Greedy answers to the prompt of ``task`` (the first instruction of its pool, so that runs are comparable) for
-    every sample, ``{name: text}``, on every process. The samples are split over the processes in equal shares (the
+    every sample, ``{name: text}``, on every process, under attention reallocation with the options
+    ``reallocation`` when given. The samples are split over the processes in equal shares (the
     last one repeated): ZeRO-3 needs every process in every generate call."""
     collate = MERRCollator(encoder, with_answer=False)
     rank, world = process_rank()
@@ -461,7 +463,9 @@ def generate_predictions(
     model.eval()
     for start in tqdm(range(0, share, batch_size), desc="generate", unit="batch", disable=rank != 0):
         batch = collate([dataset[k] for k in keys[start : start + batch_size]])
-        ids = model.generate(to_device(batch, device), max_new_tokens=max_new_tokens, do_sample=False)
+        ids = model.generate(
+            to_device(batch, device), reallocation=reallocation, max_new_tokens=max_new_tokens, do_sample=False
+        )
         texts = encoder.tokenizer.batch_decode(ids, skip_special_tokens=True)
         predictions.update(zip(batch["names"], (t.strip() for t in texts)))
     if world == 1:
@@ -619,7 +623,7 @@ def load_trained(
     llm = PeftModel.from_pretrained(load_llm(model_path), str(weights / ADAPTER_DIR))
     projectors = EmotionLlamaProjectors.from_spec(spec, llm.config.hidden_size)
     load_projectors(projectors, weights / PROJECTORS_FILE)
-    model = EmotionLlama(llm, projectors, tokenizer.pad_token_id, llm_accepts_modality_ids=True).eval()
+    model = EmotionLlama(llm, projectors, tokenizer.pad_token_id).eval()
     encoder = PromptEncoder(tokenizer, spec.n_patch_tokens, audio_repeat=run_config["audio_repeat"])
     return TrainedModel(model=model, encoder=encoder, run_config=run_config)
 

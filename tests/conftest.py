@@ -10,6 +10,14 @@ from hypothesis import settings
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from peft_mose import Modality
+from peft_mose._compat.transformers import cache_keyword, output_cache
+
+CACHE_KEYWORD = cache_keyword(LlamaForCausalLM)
+
+
+def cache_of(output) -> dict:
+    """``{keyword: cache}`` to pass the cache of ``output`` back to the next call, as a user would on this release."""
+    return {CACHE_KEYWORD: output_cache(output)}
 
 settings.register_profile("ci", derandomize=True, deadline=None, max_examples=60, print_blob=True)
 settings.load_profile("ci")

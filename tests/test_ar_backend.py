@@ -11,7 +11,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from conftest import VOCAB, make_tiny_llama
-from peft_mose import Modality, ModalityTracker
+from peft_mose import Modality
 from peft_mose.attention import attention_reallocation, reallocate_attention
 from peft_mose.attention.backend import _ACTIVE
 
@@ -204,12 +204,23 @@ def test_generation_from_inputs_embeds_equals_generation_from_input_ids(model):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-def test_modality_ids_can_go_to_the_forward_call_instead(model):
+def test_a_plain_model_takes_its_ids_from_the_block_only(model):
     ids, mask, mods = make_batch()
-    expected = logits_with(model, ids, mask, mods, tau=0.0)
-    with torch.no_grad(), attention_reallocation(model, tau=0.0):
-        out = model(input_ids=ids, attention_mask=mask, modality_ids=mods).logits
-    assert torch.equal(out, expected)
+    with pytest.raises(ValueError, match="needs `modality_ids`"), attention_reallocation(model, tau=0.0):
+        pass
+    with pytest.raises(ValueError, match="not used by the model"), attention_reallocation(model, mods, tau=0.0):
+        generate_kwargs = {"modality_ids": mods}  # generate knows no such keyword: there is no second way in
+        model.generate(input_ids=ids, attention_mask=mask, **generate_kwargs, **GEN)
+
+
+def test_a_forward_longer_than_the_block_ids_is_refused(model):
+    ids, mask, mods = make_batch()
+    longer = torch.cat([ids, ids[:, :2]], 1)
+    with torch.no_grad(), attention_reallocation(model, mods, tau=0.0):
+        with pytest.raises(ValueError, match="describes a prompt of"):
+            model(input_ids=longer)
+        with pytest.raises(ValueError, match="has length 14 but the inputs have sequence length 16"):
+            model.generate(input_ids=longer, **GEN)
 
 
 def test_eager_returns_the_reallocated_weights():
@@ -250,12 +261,12 @@ def test_previous_implementation_and_hooks_are_restored_on_exit_and_on_error(mod
         before = model(input_ids=ids, attention_mask=mask).logits
     with attention_reallocation(model, mods, tau=0.0):
         assert model.config._attn_implementation == "mosear_" + previous
-        assert ModalityTracker.of(model) is not None
+        assert model._forward_pre_hooks and model._forward_hooks
     with pytest.raises(RuntimeError, match="boom"):
         with attention_reallocation(model, mods, tau=0.0):
             raise RuntimeError("boom")
     assert model.config._attn_implementation == previous
-    assert ModalityTracker.of(model) is None
+    assert not model._forward_pre_hooks and not model._forward_hooks
     assert not any(m in _ACTIVE for m in model.modules())
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, before)
@@ -292,7 +303,7 @@ def test_bad_arguments_raise_value_errors(options, message):
     with pytest.raises(ValueError, match=message):
         with attention_reallocation(model, **options):
             pass
-    assert model.config._attn_implementation == "sdpa" and ModalityTracker.of(model) is None
+    assert model.config._attn_implementation == "sdpa" and not model._forward_pre_hooks
 
 
 def test_attention_dropout_in_training_mode_is_refused():
@@ -309,7 +320,7 @@ def test_unsupported_models_and_mismatched_ids_raise_value_errors():
             pass
     model.set_attn_implementation("flex_attention")
     with pytest.raises(ValueError, match="'flex_attention'"):
-        with attention_reallocation(model):
+        with attention_reallocation(model, make_batch()[2]):
             pass
     model.set_attn_implementation("sdpa")
     ids, mask, mods = make_batch()

@@ -35,12 +35,9 @@ def test_naive_layer_reference_equals_the_fast_layer(monkeypatch):
     mods = bench["token_layout"](batch=2)
     layer = next(m for m in models["mose"].modules() if isinstance(m, bench["MoSELayer"]))
     x = torch.randn(2, mods.shape[1], layer.in_features)
-    tracker = models["mose"].base_model.tracker
-    with tracker.session(mods):
-        tracker._pre_hook(None, (), {"inputs_embeds": x})
-    with torch.no_grad():
+    with torch.no_grad(), models["mose"].base_model.scope.layer_call(mods) as context:
         out = layer(x)
-        lam = models["mose"].base_model.routing_stats()[layer.layer_name]["lambda"]
+        lam = context.router_weights[(layer.layer_name, "default")]
         naive = layer.base_layer(x) + bench["naive_layer_delta"](layer, x, mods, lam)
     torch.testing.assert_close(naive, out, rtol=1e-4, atol=1e-5)
 

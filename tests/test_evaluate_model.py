@@ -14,6 +14,7 @@ from peft import LoraConfig, get_peft_model
 
 from peft_mose import Modality
 from peft_mose.attention import attention_reallocation
+from peft_mose.layout import prompt_only
 from recipes import evaluate
 from recipes.emotion_llama.baseline import load_baseline
 from recipes.emotion_llama.checkpoint import ORIGINAL_TO_OURS, load_lora_checkpoint, save_projectors
@@ -119,15 +120,19 @@ def test_checkpoint_without_lora_and_lora_of_another_rank(tiny, weights, tmp_pat
 def test_ar_sees_the_visual_and_audio_tokens_of_a_model_without_mose(tiny, checkpoint):
     baseline = load_baseline(tiny.model_dir, tiny.data.spec, projector_checkpoint=checkpoint)
     batch = _batch(tiny, baseline.encoder)
-    with attention_reallocation(baseline.model.llm, tau=0.0, record=True) as ar:
-        baseline.model.generate(batch, max_new_tokens=2, do_sample=False)
+    prompts = prompt_only(batch["input_ids"], batch["attention_mask"], batch["modality_ids"],
+                          baseline.model.pad_token_id, padding_side="left")  # what EmotionLlama.generate runs on
+    with attention_reallocation(baseline.model.llm, modality_ids=prompts["modality_ids"], tau=0.0, record=True) as ar:
+        recorded = baseline.model.generate(batch, max_new_tokens=2, do_sample=False)
     ids = ar.diagnostics.modality_ids
     assert (ids == Modality.AUDIO).sum(1).tolist() == [1, 1, 1]
     assert (ids == Modality.VISUAL).sum(1).tolist() == [259, 259, 259]
     assert all(bool((layer.uap_audio > 0).all()) for layer in ar.diagnostics.layers.values())
-    with torch.no_grad():  # the forward hands the ids over too (all text, AR would change nothing)
+    # EmotionLlama opens the same block itself when given the options
+    assert torch.equal(baseline.model.generate(batch, reallocation={"tau": 0.0}, max_new_tokens=2), recorded)
+    with torch.no_grad():
         plain = baseline.model(batch).logits
-        with attention_reallocation(baseline.model.llm, tau=0.0):
+        with attention_reallocation(baseline.model.llm, modality_ids=batch["modality_ids"], tau=0.0):
             reallocated = baseline.model(batch).logits
     assert not torch.equal(plain, reallocated)
 

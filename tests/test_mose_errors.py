@@ -9,7 +9,7 @@ import torch
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
-from conftest import layout, make_tiny_llama, random_tokens
+from conftest import cache_of, layout, make_tiny_llama, random_tokens
 from peft_mose import Modality, MoSEConfig, modality_ids_from_segments
 
 CFG = dict(r=8, n_experts=2, init_weights=False, lora_dropout=0.0)
@@ -93,9 +93,8 @@ def test_a_failed_call_leaves_the_model_usable(mose):
 def test_continuing_a_cache_without_a_prompt_is_refused(llama):
     model = get_peft_model(llama, MoSEConfig(**CFG)).eval()
     out = make_tiny_llama()(input_ids=random_tokens(), use_cache=True)  # cache from another model: no prompt lambda
-    with pytest.raises(ValueError, match="no routing weight of a prompt"):
-        model(input_ids=random_tokens(seq=1), past_key_values=out.past_key_values,
-              modality_ids=torch.zeros(2, 17, dtype=torch.long))
+    with pytest.raises(ValueError, match="whose prompt did not run through this MoSE model"):
+        model(input_ids=random_tokens(seq=1), **cache_of(out), modality_ids=torch.zeros(2, 17, dtype=torch.long))
 
 
 def test_segments_reject_negative_lengths():

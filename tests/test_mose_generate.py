@@ -8,7 +8,7 @@ import pytest
 import torch
 from peft import get_peft_model
 
-from conftest import layout, random_tokens
+from conftest import cache_of, layout, random_tokens
 from expert_paths import expert_path
 from mose_reference import reference_lambda
 from peft_mose import Modality, MoSEConfig, MoSELayer
@@ -136,18 +136,21 @@ def test_manual_decoding_with_a_cache_reuses_the_prompt_lambda(mose):
     out = mose(input_ids=ids, modality_ids=mods, use_cache=True)
     nxt = out.logits[:, -1:].argmax(-1)
     full_mods = torch.cat([mods, torch.full((2, 1), int(Modality.ANSWER))], dim=1)
-    step = mose(input_ids=nxt, past_key_values=out.past_key_values, modality_ids=full_mods).logits
+    step = mose(input_ids=nxt, **cache_of(out), modality_ids=full_mods).logits
     whole = mose(input_ids=torch.cat([ids, nxt], 1), modality_ids=full_mods).logits
     torch.testing.assert_close(step[:, -1], whole[:, -1], rtol=1e-5, atol=1e-5)
+    # the cache remembers its prompt: the ids of the cached positions may be left out
+    again = mose(input_ids=nxt, **cache_of(mose(input_ids=ids, modality_ids=mods, use_cache=True))).logits
+    torch.testing.assert_close(again[:, -1], whole[:, -1], rtol=1e-5, atol=1e-5)
 
 
-def test_deepcopy_keeps_its_own_tracker(mose):
+def test_deepcopy_keeps_its_own_context_scope(mose):
     ids, mods = random_tokens(), layout()
     clone = copy.deepcopy(mose)
     a = mose(input_ids=ids, modality_ids=mods).logits
     b = clone(input_ids=ids, modality_ids=mods).logits
     assert torch.equal(a, b)
     clone_layers = mose_layers(clone)
-    assert all(layer.tracker is clone_layers[0].tracker for layer in clone_layers)
-    assert clone_layers[0].tracker is not mose_layers(mose)[0].tracker
+    assert all(layer.scope is clone.base_model.scope for layer in clone_layers)
+    assert clone.base_model.scope is not mose.base_model.scope
     assert clone.base_model.routing_stats().keys() == mose.base_model.routing_stats().keys()

@@ -18,7 +18,7 @@ from transformers.pytorch_utils import Conv1D
 
 from conftest import layout, make_tiny_llama, random_tokens, tiny_llama_config
 from expert_paths import expert_path
-from peft_mose import MoSEConfig, MoSELayer, ModalityTracker
+from peft_mose import MoSEConfig, MoSELayer
 
 CFG = dict(r=8, n_experts=2, eps=0.2, init_weights=False, lora_dropout=0.0)
 
@@ -88,7 +88,8 @@ def test_several_adapters_load_set_and_delete(llama, tmp_path):
     assert torch.equal(logits(model), logits(first))
     model.set_adapter("b")
     assert torch.equal(logits(model), logits(second))
-    assert set(model.base_model.routing_stats("b")) == set(model.base_model.routing_stats("a"))
+    assert set(model.base_model.routing_stats("b")) == {m.layer_name for m in model.modules() if isinstance(m, MoSELayer)}
+    assert model.base_model.routing_stats("a") == {}  # the last call ran "b" only
     model.delete_adapter("b")
     assert model.active_adapters == ["a"]
     assert not any("b" in m.mose_A for m in model.modules() if isinstance(m, MoSELayer))
@@ -103,8 +104,7 @@ def test_disable_adapter_gives_base_outputs_and_unload_returns_clean_base(llama)
         assert torch.equal(logits(model), base_logits)
     clean = model.unload()
     assert not any(isinstance(m, MoSELayer) for m in clean.modules())
-    assert ModalityTracker.of(clean) is None
-    assert not clean._forward_pre_hooks
+    assert not clean._forward_pre_hooks and not clean._forward_hooks
     assert torch.equal(clean(input_ids=random_tokens()).logits, base_logits)
 
 

@@ -152,10 +152,11 @@ class RecordingLM(nn.Module):
 
 
 @pytest.mark.parametrize("accepts", [False, True])
-def test_modality_ids_reach_the_llm_only_when_it_accepts_them(parts, accepts):
+def test_modality_ids_reach_the_llm_only_when_it_is_a_mose_model(parts, accepts, monkeypatch):
     recorder = RecordingLM(parts.llm.get_input_embeddings())
     projectors = EmotionLlamaProjectors.from_spec(parts.dataset.spec, parts.llm.config.hidden_size)
-    model = EmotionLlama(recorder, projectors, parts.tokenizer.pad_token_id, llm_accepts_modality_ids=accepts)
+    model = EmotionLlama(recorder, projectors, parts.tokenizer.pad_token_id)
+    monkeypatch.setattr(EmotionLlama, "takes_modality_ids", accepts)
     batch = parts.batch(KEYS)
     model(batch)
     model.generate(batch, max_new_tokens=2)

@@ -28,7 +28,8 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..modality import Modality, validate_modality_ids
-from ..tracking import ModalityTracker, TokenState
+from ..model import mose_tuner
+from ..context import ContextScope, StepLayout
 from .diagnostics import ReallocationDiagnostics
 from .functional import (
     _modality_mass,
@@ -72,7 +73,7 @@ class AttentionReallocation:
 @dataclass
 class _Active:
     settings: ReallocationSettings
-    tracker: ModalityTracker
+    scope: ContextScope
     diagnostics: ReallocationDiagnostics | None
 
 
@@ -92,7 +93,7 @@ class _Rows:
 
 @dataclass
 class _Layout:
-    """Per-forward modality layout over the ``k_len`` keys of the attention call, memoised in ``TokenState.cache``."""
+    """Per-forward modality layout over the ``k_len`` keys of the attention call, memoised in the step."""
 
     modality_ids: Tensor
     valid: Tensor
@@ -117,10 +118,10 @@ def _select_rows(selected: Tensor) -> _Rows | None:
     return _Rows(index=index, ok=selected.gather(1, index), all_ok=all_ok)
 
 
-def _layout(state: TokenState, batch: int, q_len: int, k_len: int, rows: str, record: bool) -> _Layout:
-    key = ("ar", rows, record, k_len)
-    if key in state.cache:
-        return state.cache[key]
+def _layout(state: StepLayout, batch: int, q_len: int, k_len: int, rows: str, record: bool) -> _Layout:
+    key = (rows, record, k_len)
+    if key in state.attention_layouts:
+        return state.attention_layouts[key]
     total = state.past_length + state.new_length
     if state.batch_size != batch or state.new_length != q_len or total > k_len:
         raise ValueError(
@@ -144,7 +145,7 @@ def _layout(state: TokenState, batch: int, q_len: int, k_len: int, rows: str, re
         rows=_select_rows(state.new(selected)),
         first=_select_rows(state.new(first)) if record else None,
     )
-    state.cache[key] = layout
+    state.attention_layouts[key] = layout
     return layout
 
 
@@ -230,7 +231,7 @@ def _attend(
     """Base attention for every row except the chosen rows of the chosen layers, which get explicit float32
     attention weights changed by the strategy. When every row is chosen (decoding), the base is not run at all."""
     base_function = _base_function(base, module)
-    settings, state = active.settings, active.tracker.state
+    settings, state = active.settings, active.scope.step()
     apply = module.layer_idx in settings.layers and (settings.tau != math.inf or settings.strategy != "ar")
     record = active.diagnostics is not None
     if state is None or not (apply or record):
@@ -313,6 +314,12 @@ def _transformers_model(model: nn.Module) -> nn.Module:
     return target
 
 
+def _mose_scope(model: nn.Module) -> ContextScope | None:
+    """The context scope of a MoSE model, else ``None``."""
+    tuner = mose_tuner(model)
+    return None if tuner is None else tuner.scope
+
+
 def _attention_modules(target: nn.Module) -> dict[nn.Module, int]:
     """The modules of the language decoder that carry a ``layer_idx``."""
     decoder = target.get_decoder() if hasattr(target, "get_decoder") else target
@@ -364,8 +371,10 @@ def attention_reallocation(
 ) -> Iterator[AttentionReallocation]:
     """Reallocate attention in ``model`` (transformers or PEFT/MoSE) inside the block; restore it on exit.
 
-    ``modality_ids`` ``[batch, prompt_len]`` describe the prompt of every ``generate`` or forward in the block (or
-    pass them to the forward / the MoSE model's ``generate``). ``strategy`` is ``"ar"`` (MoSEAR, threshold ``tau``)
+    On a MoSE model the ids come with each call (``model(..., modality_ids=)``, ``model.generate(...,
+    modality_ids=)``). A model without MoSE cannot take them, so they are given here instead: ``modality_ids``
+    ``[batch, prompt_len]`` describe the prompt of every forward and ``generate`` in the block (generated positions
+    are answer tokens; a forward without a cache must be exactly that prompt). ``strategy`` is ``"ar"`` (MoSEAR, threshold ``tau``)
     or ``"pai"`` (factor ``alpha``, ``pai_mode`` ``"logits"`` or ``"weights"``); ``layers`` restricts it to some
     layer indices; ``rows="all"`` applies it to every query row instead of the response rows; ``record=True`` fills
     ``.diagnostics`` for the first response token.
@@ -381,8 +390,20 @@ def attention_reallocation(
         rows=_choice(rows, ROW_MODES, "rows"),
         layers=_check_layers(layers, num_layers),
     )
-    if modality_ids is not None:
+    scope = _mose_scope(model)
+    if scope is not None and modality_ids is not None:
+        raise ValueError(
+            "This is a MoSE model: pass `modality_ids` to its forward or generate call, not to attention_reallocation "
+            "(they describe one call, and the model opens a context for each)."
+        )
+    if scope is None:
+        if modality_ids is None:
+            raise ValueError(
+                "Attention reallocation on a model without MoSE needs `modality_ids` ([batch, prompt_len]) to know "
+                "which tokens are visual and audio: attention_reallocation(model, modality_ids=...)."
+            )
         validate_modality_ids(modality_ids)
+        scope = ContextScope()
     previous = target.config._attn_implementation
     base = previous.removeprefix(PREFIX)
     if base not in BASE_IMPLEMENTATIONS:
@@ -396,16 +417,15 @@ def attention_reallocation(
 
     described = {**settings.__dict__, "layers": sorted(settings.layers)}
     diagnostics = ReallocationDiagnostics(settings=described) if record else None
-    tracker = ModalityTracker.attach(target)
     saved = {module: _ACTIVE.get(module) for module in modules}
     try:
         for module in modules:
-            _ACTIVE[module] = _Active(settings=settings, tracker=tracker, diagnostics=diagnostics)
+            _ACTIVE[module] = _Active(settings=settings, scope=scope, diagnostics=diagnostics)
         target.set_attn_implementation(PREFIX + base)
         if target.config._attn_implementation != PREFIX + base:
             raise ValueError(f"{type(target).__name__} cannot switch its attention implementation at run time.")
-        session = tracker.session(modality_ids, generate=True) if modality_ids is not None else contextlib.nullcontext()
-        with session:
+        calls = scope.calls_of(target, modality_ids) if modality_ids is not None else contextlib.nullcontext()
+        with calls:
             yield AttentionReallocation(settings=settings, diagnostics=diagnostics)
     finally:
         if target.config._attn_implementation != previous:
@@ -415,4 +435,3 @@ def attention_reallocation(
                 _ACTIVE.pop(module, None)
             else:
                 _ACTIVE[module] = entry
-        tracker.detach(target)

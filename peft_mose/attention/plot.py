@@ -26,6 +26,7 @@ from matplotlib.patches import Patch
 from torch import Tensor, nn
 
 from ..modality import Modality
+from ..model import is_mose_model
 from .backend import attention_reallocation
 from .diagnostics import ReallocationDiagnostics
 
@@ -54,9 +55,14 @@ def collect_diagnostics(
     **options: Any,
 ) -> ReallocationDiagnostics:
     """Run one forward of the prompt under :func:`attention_reallocation` (``options`` are its keywords) and return
-    the statistics of the row that produces the first response token, for every layer."""
-    with torch.no_grad(), attention_reallocation(model, modality_ids, record=True, **options) as run:
-        model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask)
+    the statistics of the row that produces the first response token, for every layer. The ids go where the model
+    takes them: the call of a MoSE model, the block otherwise."""
+    inputs = dict(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask)
+    block_ids = modality_ids
+    if is_mose_model(model):
+        inputs["modality_ids"], block_ids = modality_ids, None
+    with torch.no_grad(), attention_reallocation(model, block_ids, record=True, **options) as run:
+        model(**inputs)
     return run.diagnostics
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -16,7 +17,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from peft_mose import Modality, ModalityTracker
+from peft_mose import Modality, is_mose_model
+from peft_mose.attention import attention_reallocation
 from peft_mose.layout import insert_embeddings, prompt_only
 
 from .projectors import FEATURE_KEYS, EmotionLlamaProjectors
@@ -39,10 +41,9 @@ def load_llm(model_name_or_path: str | Path, dtype: torch.dtype | None = None) -
 
 class EmotionLlama(nn.Module):
     """Builds ``inputs_embeds``/``attention_mask``/``labels``/``modality_ids`` from a collated MERR batch and runs
-    ``llm`` on them. ``llm`` is any causal LM (a plain one, a PEFT LoRA model, or one wrapped by the MoSE tuner);
-    ``modality_ids`` reach it as a keyword only when ``llm_accepts_modality_ids`` is set (MoSE). Otherwise they go to
-    the :class:`~peft_mose.ModalityTracker` attached to its transformers model, if any (attention reallocation
-    attaches one), so that AR and PAI see the visual and audio tokens of a model without MoSE too.
+    ``llm`` on them. ``llm`` is any causal LM (a plain one, a PEFT LoRA model, or a PEFT model with MoSE). The
+    modality ids take the public path a user takes: the model call / ``generate`` keyword on a MoSE model, and
+    :func:`~peft_mose.attention_reallocation`'s ``modality_ids`` for other models (they only matter under AR/PAI).
 
     Batch keys (see ``recipes.merr.collator``): ``input_ids``, ``attention_mask``, ``modality_ids``, optional
     ``labels``, and the features ``eva_patch`` [B, 256, 5632], ``eva_cls`` [B, 1408], ``face``, ``video``, ``audio``
@@ -54,13 +55,16 @@ class EmotionLlama(nn.Module):
         llm: nn.Module,
         projectors: EmotionLlamaProjectors,
         pad_token_id: int,
-        llm_accepts_modality_ids: bool = False,
     ) -> None:
         super().__init__()
         self.llm = llm
         self.projectors = projectors
         self.pad_token_id = pad_token_id
-        self.llm_accepts_modality_ids = llm_accepts_modality_ids
+
+    @property
+    def takes_modality_ids(self) -> bool:
+        """Whether the LLM is a PEFT model with MoSE, whose calls take ``modality_ids``."""
+        return is_mose_model(self.llm)
 
     @property
     def config(self) -> PreTrainedConfig:
@@ -70,7 +74,7 @@ class EmotionLlama(nn.Module):
 
     def build_inputs(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The keyword arguments for ``self.llm``: ``inputs_embeds``, ``attention_mask``, ``labels`` when the batch
-        has them, and ``modality_ids`` when the LLM accepts them."""
+        has them, and ``modality_ids`` when the LLM takes them (MoSE)."""
         missing = [k for k in ("input_ids", "attention_mask", "modality_ids", *FEATURE_KEYS) if k not in batch]
         if missing:
             raise ValueError(f"The batch lacks {missing}; it has {sorted(batch)}.")
@@ -85,7 +89,7 @@ class EmotionLlama(nn.Module):
         }
         if "labels" in batch:
             inputs["labels"] = batch["labels"]
-        if self.llm_accepts_modality_ids:
+        if self.takes_modality_ids:
             inputs["modality_ids"] = modality_ids
         return inputs
 
@@ -117,31 +121,32 @@ class EmotionLlama(nn.Module):
         inputs = self.build_inputs(batch)
         if num_items_in_batch is not None:
             inputs["num_items_in_batch"] = num_items_in_batch
-        with self._tracker_session(batch["modality_ids"], generate=False):
-            return self.llm(**inputs)
+        return self.llm(**inputs)
 
     @torch.no_grad()
-    def generate(self, batch: Mapping[str, torch.Tensor], **gen_kwargs) -> torch.Tensor:
-        """Generate from the prompts of ``batch`` (its answer tokens, if any, are dropped; prompts are left padded).
-        Returns the generated token ids only, [B, new_tokens]."""
+    def generate(
+        self, batch: Mapping[str, torch.Tensor], reallocation: Mapping[str, Any] | None = None, **gen_kwargs
+    ) -> torch.Tensor:
+        """Generate from the prompts of ``batch`` (its answer tokens, if any, are dropped; prompts are left padded),
+        under :func:`~peft_mose.attention_reallocation` with the options ``reallocation`` (``tau``, ``strategy``,
+        ...) when given. Returns the generated token ids only, [B, new_tokens]."""
         prompts = prompt_only(
             batch["input_ids"], batch["attention_mask"], batch["modality_ids"], self.pad_token_id, padding_side="left"
         )
         features = {k: batch[k] for k in FEATURE_KEYS if k in batch}
         inputs = self.build_inputs({**prompts, **features})
         gen_kwargs.setdefault("pad_token_id", self.pad_token_id)
-        with self._tracker_session(prompts["modality_ids"], generate=True):
+        block: contextlib.AbstractContextManager = contextlib.nullcontext()
+        if reallocation is not None:
+            ids = None if self.takes_modality_ids else prompts["modality_ids"]
+            block = attention_reallocation(self.llm, modality_ids=ids, **reallocation)
+        with block:
             return self.llm.generate(**inputs, **gen_kwargs)
-
-    def _tracker_session(self, modality_ids: torch.Tensor, generate: bool) -> contextlib.AbstractContextManager:
-        """A session of the modality tracker of an LLM that takes no ``modality_ids``, when one is attached; the
-        MoSE tuner opens its own from the keyword, and without a tracker nothing reads the ids."""
-        if self.llm_accepts_modality_ids:
-            return contextlib.nullcontext()
-        target = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
-        tracker = ModalityTracker.of(target)
-        return tracker.session(modality_ids, generate=generate) if tracker is not None else contextlib.nullcontext()
 
     def activation_checkpointing_enable(self, **kwargs) -> None:
         """Enable activation (gradient) checkpointing in the LLM; HF ``Trainer`` calls this when asked to."""
         self.llm.activation_checkpointing_enable(**kwargs)
+
+    def gradient_checkpointing_enable(self, **kwargs) -> None:
+        """The same under the name HF ``Trainer`` calls before transformers 5.23."""
+        self.llm.gradient_checkpointing_enable(**kwargs)
