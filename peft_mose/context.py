@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -59,6 +59,9 @@ class StepLayout:
     past_length: int
     new_length: int
     prefill: bool
+    uniform: Modality | None = None
+    """The modality of every new position when the call's structure says so (a decode step past the prompt:
+    ``ANSWER``), so that no layer reads the ids to find out."""
     expert_masks: dict[Any, Any] = field(default_factory=dict, repr=False)
     attention_layouts: dict[Any, Any] = field(default_factory=dict, repr=False)
 
@@ -87,8 +90,11 @@ class ModalityContext:
     generate: bool = False
     router_weights: dict[AdapterKey, Tensor] = field(default_factory=dict)
     """``lambda`` (Eq. 3) of the prompt, per MoSE layer and adapter: computed at prefill, read by decode steps."""
-    expert_weights: dict[AdapterKey, Tensor] = field(default_factory=dict)
-    """Each expert's mean token gate in the call's last forward, ``[batch, 3, N]`` (diagnostics)."""
+    expert_weights: dict[AdapterKey, Callable[[], Tensor]] = field(default_factory=dict)
+    """Each expert's mean token gate in the call's last forward, ``[batch, 3, N]`` (diagnostics, computed when the
+    call closes, so that decode steps do not pay for them)."""
+    uniform_plans: dict[AdapterKey, tuple | None] = field(default_factory=dict)
+    """Per MoSE layer and adapter: the weight views and expert weights of uniform (decode) steps, made once."""
     step: StepLayout | None = None
     """The forward being computed."""
     continued: PromptRecord | None = None
@@ -225,7 +231,7 @@ class ContextScope:
     def _close(self, context: ModalityContext) -> None:
         if context.expert_weights or context.router_weights:
             self.last_routing = {
-                key: {"lambda": lam, "expert_weights": context.expert_weights[key]}
+                key: {"lambda": lam, "expert_weights": context.expert_weights[key]()}
                 for key, lam in context.router_weights.items()
                 if key in context.expert_weights
             }
@@ -278,7 +284,7 @@ class ContextScope:
             context.continued = record
         if record is not None and not context.router_weights:
             context.router_weights.update(record.router_weights)
-        ids = _full_ids(context, record, batch, past, new, device)
+        ids, uniform = _full_ids(context, record, batch, past, new, device)
         valid = _valid_positions(kwargs.get("attention_mask"), batch, total, device)
         return StepLayout(
             modality_ids=ids,
@@ -287,6 +293,7 @@ class ContextScope:
             past_length=past,
             new_length=new,
             prefill=past == 0,
+            uniform=uniform,
         )
 
 
@@ -306,14 +313,15 @@ def _new_context(modality_ids: Tensor | None, prompt: bool, generate: bool) -> M
 
 def _full_ids(
     context: ModalityContext, record: PromptRecord | None, batch: int, past: int, new: int, device: torch.device
-) -> Tensor:
-    """Modality ids of every position of a forward (``[batch, past + new]``), checked against its shape."""
+) -> tuple[Tensor, Modality | None]:
+    """Modality ids of every position of a forward (``[batch, past + new]``), checked against its shape, and the
+    modality of all new positions where it follows from the shape alone (new positions past the prompt)."""
     total = past + new
     ids, prompt, source = context.modality_ids, context.prompt, "`modality_ids`"
     if ids is None and record is not None and record.modality_ids is not None:
         ids, prompt, source = record.modality_ids, True, "the prompt that filled the cache"
     if ids is None:
-        return torch.full((batch, total), int(Modality.TEXT), dtype=torch.long, device=device)
+        return torch.full((batch, total), int(Modality.TEXT), dtype=torch.long, device=device), Modality.TEXT
     ids = ids.to(device=device, dtype=torch.long)
     length = ids.shape[1]
     if ids.shape[0] != batch:
@@ -323,7 +331,7 @@ def _full_ids(
             )
         ids = ids.repeat_interleave(batch // ids.shape[0], dim=0)
     if length == total:
-        return ids
+        return ids, None
     if not prompt:
         raise ValueError(
             f"`modality_ids` has length {length} but the call covers {total} positions ({past} cached + {new} "
@@ -335,7 +343,7 @@ def _full_ids(
             f"({past} cached + {new} new); pass the ids of this prompt."
         )
     answer = torch.full((batch, total - length), int(Modality.ANSWER), dtype=torch.long, device=device)
-    return torch.cat([ids, answer], dim=1)
+    return torch.cat([ids, answer], dim=1), (Modality.ANSWER if past >= length else None)
 
 
 def _valid_positions(mask: Any, batch: int, total: int, device: torch.device) -> Tensor:

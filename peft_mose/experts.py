@@ -87,6 +87,37 @@ def mose_delta(
     return delta.unflatten(0, tokens), gates.unflatten(0, tokens)
 
 
+def uniform_weights(
+    A: torch.Tensor, B: torch.Tensor, gate: torch.Tensor | None, experts: tuple[int, ...]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Neighbouring ``experts`` side by side as views: their A's ``[k r, in]``, B's ``[out, k N r]`` and gates
+    ``[k N, in]`` (``None`` for ``N = 1``), for :func:`uniform_delta`."""
+    A_g, B_g = _group_weights(A, B, experts, A.dtype)
+    return A_g, B_g, None if gate is None else _pick(gate, 0, experts).reshape(-1, gate.shape[2])
+
+
+def uniform_delta(
+    x: torch.Tensor, A_g: torch.Tensor, B_g: torch.Tensor, gate_g: torch.Tensor | None, coef: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 2 inside Eq. 4 for tokens that all run the same ``k`` experts (every decode step): one GEMM for the
+    gates, one for the stacked A's, one for the stacked B's, in plain autograd ops and nothing else, since a decode
+    step is bound by the number of operations, not by FLOPs.
+
+    ``x [batch, seq, in]`` in the weights' dtype; weights from :func:`uniform_weights`; ``coef [batch, 1, k, 1]``:
+    each sample's expert weights, LoRA scaling included. Returns ``delta [batch, seq, out]`` and the gates
+    ``softmax(W_e x)`` ``[batch, seq, k, N]`` (all ones for ``N = 1``).
+    """
+    k, rank = coef.shape[2], A_g.shape[0] // coef.shape[2]
+    if gate_g is None:
+        gates = torch.ones_like(coef)
+        weights = coef
+    else:
+        gates = F.linear(x, gate_g).unflatten(-1, (k, -1)).softmax(-1)
+        weights = gates * coef
+    h = F.linear(x, A_g).unflatten(-1, (k, 1, rank))
+    return F.linear((h * weights.unsqueeze(-1)).flatten(-3), B_g), gates
+
+
 def _grouping_pays(groups: tuple[TokenGroup, ...], r: int, d_in: int, d_out: int, n: int) -> bool:
     """Whether gathered ``groups`` beat every expert on every token (the decision changes no result)."""
     skipped = sum((len(EXPERTS) - len(g.experts)) * g.rows.numel() for g in groups)

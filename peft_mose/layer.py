@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Optional
 
@@ -11,7 +12,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import MoSEConfig
-from .experts import EXPERTS, mose_delta, token_groups
+from .experts import EXPERTS, mose_delta, token_groups, uniform_delta, uniform_weights
 from .modality import Modality
 from .router import ModalityRouter, pool_modalities, routing_weight
 from .context import ContextScope, ModalityContext, StepLayout
@@ -145,6 +146,44 @@ class MoSELayer(BaseTunerLayer):
             )
         return lam.to(x.dtype)
 
+    def _dropout(self, adapter_name: str, x: torch.Tensor, x_cast: torch.Tensor) -> torch.Tensor:
+        dropout = self.mose_dropout[adapter_name]
+        return x if isinstance(dropout, nn.Identity) or not dropout.training else dropout(x_cast)
+
+    def _uniform_plan(
+        self, adapter_name: str, x: torch.Tensor, step: StepLayout | None, context: ModalityContext | None
+    ) -> tuple | None:
+        """For a decode step whose new tokens all have one modality (known from the cache, no data read): the
+        weight views of its experts and each sample's expert weights, made once per call (the context's memo).
+        ``None`` for the general path: other steps, visual + omni (not neighbours), autocast."""
+        if step is None or step.prefill or step.uniform is None:
+            return None
+        key = (self.layer_name, adapter_name)
+        if key in context.uniform_plans:
+            return context.uniform_plans[key]
+        visual, nonvisual = self.expert_ids[adapter_name]
+        modality = int(step.uniform)
+        if modality in visual or _autocast_on(self.mose_A[adapter_name]):
+            context.uniform_plans[key] = None
+            return None
+        experts = (1, 2) if modality in nonvisual else (2,)
+        A, B = self.mose_A[adapter_name], self.mose_B[adapter_name]
+        lam = self._routing_lambda(adapter_name, x, {}, context).to(A.dtype)
+        weights = (1 - lam, torch.ones_like(lam)) if experts == (1, 2) else (torch.ones_like(lam),)
+        coef = (torch.stack(weights, dim=1) * self.scaling[adapter_name])[:, None, :, None]
+        plan = context.uniform_plans[key] = (
+            *uniform_weights(A, B, self.mose_gate.get(adapter_name), experts), coef, experts
+        )
+        return plan
+
+    def _uniform_forward(self, adapter_name: str, x: torch.Tensor, plan: tuple, context: ModalityContext):
+        """A decode step: the gate, one stacked A, one stacked B (:func:`~peft_mose.experts.uniform_delta`)."""
+        A_g, B_g, gate_g, coef, experts = plan
+        x_a = self._cast_input_dtype(x, A_g.dtype)
+        delta, gates = uniform_delta(self._dropout(adapter_name, x_a, x_a), A_g, B_g, gate_g, coef)
+        context.expert_weights[(self.layer_name, adapter_name)] = functools.partial(_uniform_mean_gates, gates, experts)
+        return delta
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters:
@@ -154,9 +193,15 @@ class MoSELayer(BaseTunerLayer):
             return result
         context = self.scope.current() if self.scope is not None else None
         step = None if context is None else context.step
-        # any input [..., features]: the first dim is the batch, the others are tokens (a 1-D input is one token)
-        tokens = x.reshape(1 if x.dim() < 2 else x.shape[0], -1, x.shape[-1])
+        # any input [..., features]: the first dim is the batch, the others are tokens (a 1-D input is one token);
+        # with a context the input is the model's [batch, seq, features]
+        tokens = x if step is not None else x.reshape(1 if x.dim() < 2 else x.shape[0], -1, x.shape[-1])
         for name in active:
+            plan = self._uniform_plan(name, tokens, step, context)
+            if plan is not None:
+                delta = self._uniform_forward(name, tokens, plan, context)
+                result = result + (delta if delta.dtype == result.dtype else delta.to(result.dtype))
+                continue
             A = self.mose_A[name]
             x_a = self._cast_input_dtype(tokens, A.dtype)
             masks = self._token_masks(step, name, tokens.shape[0], tokens.shape[1], x.device)
@@ -165,14 +210,13 @@ class MoSELayer(BaseTunerLayer):
                 [lam[:, None] * masks["visual"], (1 - lam[:, None]) * masks["nonvisual"], torch.ones_like(masks["visual"])],
                 dim=-1,
             ) * self.scaling[name]
-            dropout = self.mose_dropout[name]
             # without dropout the experts get `x` itself and cast it: backward keeps no copy in A's dtype
-            x_d = tokens if isinstance(dropout, nn.Identity) else dropout(x_a)
+            x_d = self._dropout(name, tokens, x_a)
             gate = self.mose_gate[name] if name in self.mose_gate else None
             delta, gates = mose_delta(x_d, A, self.mose_B[name], gate, coef.to(A.dtype), masks["groups"])
             result = result + delta.reshape(result.shape).to(result.dtype)
             if context is not None:
-                context.expert_weights[(self.layer_name, name)] = _mean_gates(gates, masks["tokens"])
+                context.expert_weights[(self.layer_name, name)] = functools.partial(_mean_gates, gates, masks["tokens"])
         return result
 
     def __repr__(self) -> str:
@@ -203,6 +247,20 @@ def _mean_gates(gates: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """Each expert's mean gate weights over the tokens it processes, ``[batch, 3, N]`` (routing statistics)."""
     counts = tokens.sum(1).clamp_min(1.0)
     return (tokens.to(gates.dtype).unsqueeze(-1) * gates).sum(1) / counts[..., None].to(gates.dtype)
+
+
+@torch.no_grad()
+def _uniform_mean_gates(gates: torch.Tensor, experts: tuple[int, ...]) -> torch.Tensor:
+    """:func:`_mean_gates` of a uniform step: the unused experts processed no token (zeros)."""
+    means = gates.new_zeros(gates.shape[0], len(EXPERTS), gates.shape[-1])
+    means[:, list(experts)] = gates.mean(1)
+    return means
+
+
+def _autocast_on(weight: torch.Tensor) -> bool:
+    """Whether autocast is on for ``weight``'s device (the uniform path leaves that case to the general one)."""
+    device = weight.device.type
+    return torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
 
 
 def _isin(ids: torch.Tensor, values: frozenset[int]) -> torch.Tensor:

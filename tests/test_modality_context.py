@@ -15,7 +15,7 @@ from peft import get_peft_model
 from conftest import cache_of, layout, make_tiny_llama, random_tokens
 from peft_mose import Modality, MoSEConfig, MoSELayer
 from peft_mose.attention import attention_reallocation
-from peft_mose.context import _OPEN
+from peft_mose.context import _OPEN, ModalityContext, StepLayout
 
 CFG = dict(r=8, n_experts=2, eps=0.3, init_weights=False, lora_dropout=0.0)
 GEN = dict(max_new_tokens=5, do_sample=False)
@@ -156,3 +156,34 @@ def test_plain_generate_under_ar_is_one_call_with_or_without_cache():
         uncached = model.generate(input_ids=ids, use_cache=False, **GEN)
     assert torch.equal(cached, uncached)
     assert "generate" not in model.__dict__
+
+
+@pytest.mark.parametrize("options", [dict(n_experts=2), dict(n_experts=1), dict(n_experts=2, answer_modality="omni")],
+                         ids=["nonvisual+omni", "one_B", "omni_only"])
+def test_the_decode_path_equals_the_general_path_for_outputs_and_gradients(llama, options):
+    """A decode step (new tokens all answer tokens, known from the cache) takes the uniform path; in float64 it
+    gives the general grouped path's output and gradients."""
+    model = get_peft_model(llama.double(), MoSEConfig(r=4, eps=0.3, init_weights=False, lora_dropout=0.0, **options))
+    layer = next(m for m in model.modules() if isinstance(m, MoSELayer))
+    scope, key = model.base_model.scope, (layer.layer_name, "default")
+    prompt = layout(seq=6)
+    ids = torch.cat([prompt, torch.full((2, 1), int(Modality.ANSWER))], 1)
+    x = torch.randn(2, 1, layer.in_features, dtype=torch.float64, requires_grad=True)
+    lam = torch.tensor([0.3, 0.7], dtype=torch.float64)
+    params = [p for p in layer.parameters() if p.requires_grad]
+
+    def run(uniform):
+        valid = torch.ones_like(ids, dtype=torch.bool)
+        step = StepLayout(ids, valid, valid, past_length=6, new_length=1, prefill=False,
+                          uniform=Modality.ANSWER if uniform else None)
+        context = ModalityContext(prompt, prompt=True, router_weights={key: lam}, step=step)
+        with scope._opened(context):
+            out = layer(x)
+        assert (key in context.uniform_plans and context.uniform_plans[key] is not None) == uniform
+        return out, torch.autograd.grad(out.square().sum(), [x, *params], allow_unused=True)
+
+    (fast, fast_grads), (general, general_grads) = run(True), run(False)
+    torch.testing.assert_close(fast, general, rtol=1e-12, atol=1e-12)
+    for a, b, p in zip(fast_grads, general_grads, [x, *params]):  # None: no gradient reaches it (a zero one)
+        a, b = (torch.zeros_like(p) if g is None else g for g in (a, b))
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
