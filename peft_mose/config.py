@@ -18,6 +18,10 @@ class MoSEPeftType(str, enum.Enum):
     MOSE = "MOSE"
 
 
+# MoSE and the two expert designs it is compared with in the paper's Table 6 (rows b and a).
+EXPERT_KINDS = ("asymmetric", "symmetric", "moae")
+
+
 @dataclass
 class MoSEConfig(PeftConfig):
     """Configuration of a [`MoSEModel`].
@@ -34,6 +38,8 @@ class MoSEConfig(PeftConfig):
         n_experts (`int`): ``N``, the number of up-projections ``B_i`` per expert (``N >= 1``).
         eps (`float`): ``epsilon`` of Eq. 3, in ``[0, 0.5]``; ``0`` gives ``lambda = 1/2`` (plain averaging).
         router_hidden_size (`int`): Hidden width of the router MLP ``f``.
+        expert_kind (`str`): ``"asymmetric"`` (MoSE), or the Table 6 ablations ``"symmetric"`` and ``"moae"``.
+        router (`bool`): ``False`` drops ``f`` and fixes ``lambda = 1/2`` (Table 6, "w.o. router").
         visual_modalities (`list[str]`): Token modalities routed to the visual expert.
         nonvisual_modalities (`list[str]`): Token modalities routed to the non-visual expert.
         answer_modality (`str`): How the experts treat answer / generated tokens (never pooled by the router).
@@ -60,6 +66,25 @@ class MoSEConfig(PeftConfig):
             "help": (
                 "Hidden width of the router MLP f: Linear(2*in -> h) -> GELU -> Linear(h -> 1). The default 2 gives "
                 "about 1M router parameters on LLaMA-2-7B with q_proj/v_proj targets, the paper's Table 6 figure."
+            )
+        },
+    )
+    expert_kind: str = field(
+        default="asymmetric",
+        metadata={
+            "help": (
+                "The experts (paper Table 6): 'asymmetric' (MoSE: each expert one shared A and N B's), 'symmetric' "
+                "(row b: each of the N LoRAs of an expert has its own A), 'moae' (row a: N independent LoRAs mixed "
+                "per token by softmax(W x) for every token, no modality experts and no router)."
+            )
+        },
+    )
+    router: bool = field(
+        default=True,
+        metadata={
+            "help": (
+                "False: no router f, lambda = 1/2 for every sample (paper Table 6 row c, 'w.o. router': the "
+                "visual and non-visual experts averaged). Ignored for expert_kind='moae', which has no router."
             )
         },
     )
@@ -142,6 +167,10 @@ class MoSEConfig(PeftConfig):
             raise ValueError(
                 f"`visual_modalities` and `nonvisual_modalities` must be disjoint; both contain {sorted(overlap)}."
             )
+        if self.expert_kind not in EXPERT_KINDS:
+            raise ValueError(f"`expert_kind` must be one of {list(EXPERT_KINDS)}, got {self.expert_kind!r}.")
+        if not isinstance(self.router, bool):
+            raise ValueError(f"`router` must be True or False, got {self.router!r}.")
         if self.answer_modality not in ("text", "omni"):
             raise ValueError(f"`answer_modality` must be 'text' or 'omni', got {self.answer_modality!r}.")
         if self.bias != "none":

@@ -229,12 +229,10 @@ class ContextScope:
             self._close(context)
 
     def _close(self, context: ModalityContext) -> None:
-        if context.expert_weights or context.router_weights:
-            self.last_routing = {
-                key: {"lambda": lam, "expert_weights": context.expert_weights[key]()}
-                for key, lam in context.router_weights.items()
-                if key in context.expert_weights
-            }
+        self.last_routing = {
+            key: {"lambda": context.router_weights.get(key), "expert_weights": mean_gates()}
+            for key, mean_gates in context.expert_weights.items()
+        }
         if context.needs_grad and context.step is not None:
             self._backward = context
 

@@ -33,6 +33,8 @@ class TokenGroup(NamedTuple):
 
 # Every expert on every token, the unused ones at weight 0: no gathers, 1.5x the FLOPs of grouped tokens.
 EVERY_EXPERT = (TokenGroup(None, (0, 1, 2)),)
+# MoAE (the Table 6 ablation) has one expert for every token.
+ONLY_EXPERT = (TokenGroup(None, (0,)),)
 
 # Grouping pays once the expert FLOPs it skips exceed 64 per element it moves (gathered token rows, copied
 # weights) plus 1.5e7 for its extra operations: measured on a 2-core CPU, see docs/performance.md.
@@ -54,11 +56,11 @@ def token_groups(is_visual: torch.Tensor, is_nonvisual: torch.Tensor) -> tuple[T
     return tuple(TokenGroup(rows, e) for rows, e, n in zip(order.split(counts), experts, counts) if n)
 
 
-def expert_gates(x: torch.Tensor, gate: torch.Tensor | None, n_experts: int) -> torch.Tensor:
-    """Eq. 2's mixing weights ``softmax(W_e x)``: ``[..., 3, N]``; all ones when ``N == 1`` (no gate)."""
+def expert_gates(x: torch.Tensor, gate: torch.Tensor | None, n_experts: int, n_groups: int) -> torch.Tensor:
+    """Eq. 2's mixing weights ``softmax(W_e x)``: ``[..., n_groups, N]`` (3 experts, or MoAE's one); all ones when
+    ``N == 1`` (no gate)."""
     if gate is None:
-        return x.new_ones(*x.shape[:-1], len(EXPERTS), 1)
-    n_groups = gate.shape[0]
+        return x.new_ones(*x.shape[:-1], n_groups, 1)
     return F.linear(x, gate.reshape(n_groups * n_experts, -1)).unflatten(-1, (n_groups, n_experts)).softmax(-1)
 
 
@@ -72,17 +74,18 @@ def mose_delta(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``sum_e coef_e * E_e(x)`` for every token (Eq. 2 inside Eq. 4), and the gates ``softmax(W_e x)``.
 
-    Shapes: ``x [..., in]`` (any float dtype; computed in ``A``'s dtype, or autocast's), ``A [3, r, in]``,
-    ``B [out, 3, N, r]``, ``gate [3, N, in]`` or ``None`` for ``N = 1``, ``coef [..., 3]`` (the per-token expert
-    weights, LoRA scaling included). ``groups`` (over the flattened tokens, see :func:`token_groups`) say which
+    Shapes: ``x [..., in]`` (any float dtype; computed in ``A``'s dtype, or autocast's), ``A [E, r, in]`` (one A per
+    expert) or ``[E, N, r, in]`` (one per B: the symmetric and MoAE ablations), ``B [out, E, N, r]``,
+    ``gate [E, N, in]`` or ``None`` for ``N = 1``, ``coef [..., E]`` (the per-token expert weights, LoRA scaling
+    included), with ``E = 3`` experts (MoAE: 1). ``groups`` (over the flattened tokens, see :func:`token_groups`) say which
     experts each token runs; ``coef`` must be 0 for the others. Returns ``delta [..., out]`` and
     ``gates [..., 3, N]`` (not differentiable).
     """
-    tokens, (_, r, in_features) = x.shape[:-1], A.shape
+    tokens, (r, in_features) = x.shape[:-1], A.shape[-2:]
     if len(groups) > 1 and not _grouping_pays(groups, r, in_features, B.shape[0], B.shape[2]):
         groups = EVERY_EXPERT
     delta, gates = _ExpertMixture.apply(
-        x.reshape(-1, in_features), A, B, gate, coef.reshape(-1, len(EXPERTS)), groups, _compute_dtype(x, A)
+        x.reshape(-1, in_features), A, B, gate, coef.reshape(-1, coef.shape[-1]), groups, _compute_dtype(x, A)
     )
     return delta.unflatten(0, tokens), gates.unflatten(0, tokens)
 
@@ -107,14 +110,15 @@ def uniform_delta(
     each sample's expert weights, LoRA scaling included. Returns ``delta [batch, seq, out]`` and the gates
     ``softmax(W_e x)`` ``[batch, seq, k, N]`` (all ones for ``N = 1``).
     """
-    k, rank = coef.shape[2], A_g.shape[0] // coef.shape[2]
+    k = coef.shape[2]
     if gate_g is None:
         gates = torch.ones_like(coef)
         weights = coef
     else:
         gates = F.linear(x, gate_g).unflatten(-1, (k, -1)).softmax(-1)
         weights = gates * coef
-    h = F.linear(x, A_g).unflatten(-1, (k, 1, rank))
+    rank = B_g.shape[1] // (k * gates.shape[-1])
+    h = F.linear(x, A_g).unflatten(-1, (k, -1, rank))  # [.., k, 1, r], or [.., k, N, r] with an A per B
     return F.linear((h * weights.unsqueeze(-1)).flatten(-3), B_g), gates
 
 
@@ -139,12 +143,12 @@ class _ExpertMixture(torch.autograd.Function):
     def forward(ctx, x, A, B, gate, coef, groups, dtype):
         with _explicit_dtype(x.device.type):
             xc = x.to(dtype)
-            gates = expert_gates(xc, None if gate is None else gate.to(dtype), B.shape[2])
+            gates = expert_gates(xc, None if gate is None else gate.to(dtype), B.shape[2], B.shape[1])
             s = gates * coef.to(dtype).unsqueeze(-1)
             out = None if groups[0].rows is None else xc.new_empty(x.shape[0], B.shape[0])
             for rows, experts in groups:
                 A_g, B_g = _group_weights(A, B, experts, dtype)
-                _, z = _group_mix(_take(xc, rows), A_g, _take(_pick(s, 1, experts), rows))
+                _, z = _group_mix(_take(xc, rows), A_g, _take(_pick(s, 1, experts), rows), A.shape[-2])
                 y = F.linear(z, B_g)
                 out = y if rows is None else out.index_copy_(0, rows, y)
         ctx.save_for_backward(x, A, B, gate, coef, gates)
@@ -165,14 +169,16 @@ class _ExpertMixture(torch.autograd.Function):
             for rows, experts in groups:
                 A_g, B_g = _group_weights(A, B, experts, dtype)
                 x_g, s_g, dy = _take(xc, rows), _take(_pick(s, 1, experts), rows), _take(d_out, rows)
-                h, z = _group_mix(x_g, A_g, s_g)
+                h, z = _group_mix(x_g, A_g, s_g, A.shape[-2])
                 dz = (dy @ B_g).view(*s_g.shape, -1)
                 if need_b:
                     _pick(dB, 1, experts).add_((dy.T @ z).view(B.shape[0], *s_g.shape[1:], -1))
                 _put(_pick(ds, 1, experts), rows, (dz * h).sum(-1))
-                dh = (dz * s_g.unsqueeze(-1)).sum(2).flatten(1)
+                dh = dz * s_g.unsqueeze(-1)
+                dh = (dh.sum(2) if h.shape[2] == 1 else dh).flatten(1)  # a shared A sums over its B's
                 if need_a:
-                    _pick(dA, 0, experts).add_((dh.T @ x_g).view(len(experts), -1, x.shape[1]))
+                    picked = _pick(dA, 0, experts)
+                    picked.add_((dh.T @ x_g).view(picked.shape))
                 if need_x:
                     dx_g = dh @ A_g
                     dx = dx_g if rows is None else dx.index_copy_(0, rows, dx_g)
@@ -198,16 +204,17 @@ class _ExpertMixture(torch.autograd.Function):
 def _group_weights(
     A: torch.Tensor, B: torch.Tensor, experts: tuple[int, ...], dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A group's ``k`` experts side by side, GEMM-ready: their A's ``[k r, in]`` and B's ``[out, k N r]`` (views,
-    except for visual + omni, which are not neighbours)."""
+    """A group's ``k`` experts side by side, GEMM-ready: their A's ``[k r, in]`` (``[k N r, in]`` with an A per B)
+    and B's ``[out, k N r]`` (views, except for visual + omni, which are not neighbours)."""
     A_g, B_g = _pick(A, 0, experts).to(dtype), _pick(B, 1, experts).to(dtype)
-    return A_g.reshape(-1, A.shape[2]), B_g.reshape(B.shape[0], -1)
+    return A_g.reshape(-1, A.shape[-1]), B_g.reshape(B.shape[0], -1)
 
 
-def _group_mix(x: torch.Tensor, A: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eq. 2-4 up to the B's for one group's tokens ``x [n, in]``: ``h = A x`` per expert (``[n, k, 1, r]``) and
-    every B head's input ``z = s h`` (``[n, k N r]``; ``s [n, k, N]``: the gates times the expert weights)."""
-    h = F.linear(x, A).view(x.shape[0], s.shape[1], 1, -1)
+def _group_mix(x: torch.Tensor, A: torch.Tensor, s: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 2-4 up to the B's for one group's tokens ``x [n, in]``: ``h = A x`` per expert (``[n, k, 1, r]``, or
+    ``[n, k, N, r]`` with an A per B) and every B head's input ``z = s h`` (``[n, k N r]``; ``s [n, k, N]``: the
+    gates times the expert weights)."""
+    h = F.linear(x, A).view(x.shape[0], s.shape[1], -1, rank)
     return h, (h * s.unsqueeze(-1)).flatten(1)
 
 

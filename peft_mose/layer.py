@@ -12,7 +12,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import MoSEConfig
-from .experts import EXPERTS, mose_delta, token_groups, uniform_delta, uniform_weights
+from .experts import EXPERTS, ONLY_EXPERT, mose_delta, token_groups, uniform_delta, uniform_weights
 from .modality import Modality
 from .router import ModalityRouter, pool_modalities, routing_weight
 from .context import ContextScope, ModalityContext, StepLayout
@@ -26,10 +26,13 @@ MERGE_ERROR = (
 
 class MoSELayer(BaseTunerLayer):
     """The adapter state of one targeted layer: per adapter, ``A [3, r, in]``, ``B [out, 3, N, r]``, token gates
-    ``[3, N, in]`` (absent for ``N = 1``) and the router ``f``."""
+    ``[3, N, in]`` (absent for ``N = 1``) and the router ``f``. The Table 6 ablations: ``A [3, N, r, in]``
+    (symmetric), one expert of ``N`` LoRAs and no router (MoAE), no router (``router=False``)."""
 
     adapter_layer_names = ("mose_A", "mose_B", "mose_gate", "mose_router")
-    other_param_names = ("r", "lora_alpha", "scaling", "n_experts", "eps", "expert_ids", "mose_dropout")
+    other_param_names = (
+        "r", "lora_alpha", "scaling", "n_experts", "eps", "expert_ids", "expert_kind", "mose_dropout"
+    )
 
     def __init__(self, base_layer: nn.Module, scope: Optional[ContextScope], layer_name: str) -> None:
         self.base_layer = base_layer
@@ -44,6 +47,7 @@ class MoSELayer(BaseTunerLayer):
         self.n_experts: dict[str, int] = {}
         self.eps: dict[str, float] = {}
         self.expert_ids: dict[str, tuple[frozenset[int], frozenset[int]]] = {}
+        self.expert_kind: dict[str, str] = {}
         self._disable_adapters = False
         self.merged_adapters = []
         self.scope = scope
@@ -60,14 +64,21 @@ class MoSELayer(BaseTunerLayer):
         self.n_experts[adapter_name] = n
         self.eps[adapter_name] = config.eps
         self.expert_ids[adapter_name] = config.expert_modalities()
+        self.expert_kind[adapter_name] = kind = config.expert_kind
         self.mose_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
-        self.mose_A[adapter_name] = nn.Parameter(torch.empty(len(EXPERTS), r, d_in, device=device))
-        self.mose_B[adapter_name] = nn.Parameter(torch.empty(d_out, len(EXPERTS), n, r, device=device))
+        experts = 1 if kind == "moae" else len(EXPERTS)
+        a_shape = (experts, r, d_in) if kind == "asymmetric" else (experts, n, r, d_in)
+        self.mose_A[adapter_name] = nn.Parameter(torch.empty(a_shape, device=device))
+        self.mose_B[adapter_name] = nn.Parameter(torch.empty(d_out, experts, n, r, device=device))
+        for stale in (self.mose_gate, self.mose_router):  # a re-created adapter may have had a gate or router
+            if adapter_name in stale:
+                del stale[adapter_name]
         if n > 1:
-            self.mose_gate[adapter_name] = nn.Parameter(torch.empty(len(EXPERTS), n, d_in, device=device))
-        self.mose_router[adapter_name] = ModalityRouter(
-            d_in, config.router_hidden_size, zero_init_output=config.init_weights, device=device
-        )
+            self.mose_gate[adapter_name] = nn.Parameter(torch.empty(experts, n, d_in, device=device))
+        if config.router and kind != "moae":
+            self.mose_router[adapter_name] = ModalityRouter(
+                d_in, config.router_hidden_size, zero_init_output=config.init_weights, device=device
+            )
         self.reset_parameters(adapter_name, config.init_weights)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
@@ -130,6 +141,11 @@ class MoSELayer(BaseTunerLayer):
     ) -> torch.Tensor:
         """Eq. 3 on this call's prompt; a forward that continues a cached prompt reuses the prompt's weight."""
         key = (self.layer_name, adapter_name)
+        if adapter_name not in self.mose_router:  # router=False: the experts averaged (Table 6, row c)
+            lam = x.new_full((x.shape[0],), 0.5)
+            if context is not None:
+                context.router_weights[key] = lam
+            return lam
         if context is None or context.step is None or context.step.prefill:
             pooled = pool_modalities(x, masks["pool"])
             lam = routing_weight(self.mose_router[adapter_name], pooled, self.eps[adapter_name])
@@ -163,7 +179,7 @@ class MoSELayer(BaseTunerLayer):
             return context.uniform_plans[key]
         visual, nonvisual = self.expert_ids[adapter_name]
         modality = int(step.uniform)
-        if modality in visual or _autocast_on(self.mose_A[adapter_name]):
+        if modality in visual or self.expert_kind[adapter_name] == "moae" or _autocast_on(self.mose_A[adapter_name]):
             context.uniform_plans[key] = None
             return None
         experts = (1, 2) if modality in nonvisual else (2,)
@@ -184,6 +200,17 @@ class MoSELayer(BaseTunerLayer):
         context.expert_weights[(self.layer_name, adapter_name)] = functools.partial(_uniform_mean_gates, gates, experts)
         return delta
 
+    def _moae_delta(self, adapter_name: str, x: torch.Tensor, context: ModalityContext | None) -> torch.Tensor:
+        """Table 6 row a: ``N`` independent LoRAs mixed by ``softmax(W x)`` on every token, whatever its modality."""
+        A = self.mose_A[adapter_name]
+        coef = x.new_full((*x.shape[:-1], 1), self.scaling[adapter_name], dtype=A.dtype)
+        gate = self.mose_gate[adapter_name] if adapter_name in self.mose_gate else None
+        x_d = self._dropout(adapter_name, x, self._cast_input_dtype(x, A.dtype))
+        delta, gates = mose_delta(x_d, A, self.mose_B[adapter_name], gate, coef, ONLY_EXPERT)
+        if context is not None:
+            context.expert_weights[(self.layer_name, adapter_name)] = functools.partial(_mean_gates, gates, torch.ones_like(coef))
+        return delta
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters:
@@ -197,6 +224,9 @@ class MoSELayer(BaseTunerLayer):
         # with a context the input is the model's [batch, seq, features]
         tokens = x if step is not None else x.reshape(1 if x.dim() < 2 else x.shape[0], -1, x.shape[-1])
         for name in active:
+            if self.expert_kind[name] == "moae":
+                result = result + self._moae_delta(name, tokens, context).reshape(result.shape).to(result.dtype)
+                continue
             plan = self._uniform_plan(name, tokens, step, context)
             if plan is not None:
                 delta = self._uniform_forward(name, tokens, plan, context)

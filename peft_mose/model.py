@@ -93,7 +93,8 @@ class MoSEModel(BaseTuner):
 
         ``lambda`` is the prompt's router weight (Eq. 3); ``expert_weights[b, e]`` is expert ``e``'s (visual,
         non-visual, omni) mean softmax gate over the tokens it processed in sample ``b`` in the call's last forward
-        (for ``generate``, the last decode step)."""
+        (for ``generate``, the last decode step). MoAE (``expert_kind="moae"``) has one expert and no ``lambda``
+        (``None``)."""
         name = adapter_name or self.active_adapters[0]
         return {layer: dict(stats) for (layer, adapter), stats in self.scope.last_routing.items() if adapter == name}
 

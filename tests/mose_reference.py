@@ -18,16 +18,15 @@ VISUAL, NONVISUAL, OMNI = 0, 1, 2
 
 def reference_params(layer, adapter: str) -> dict[str, torch.Tensor]:
     """float64 copies of the layer's weights, as leaves that require grad (names as in the layer)."""
-    router = layer.mose_router[adapter]
     params = {
         "mose_A": layer.mose_A[adapter],
         "mose_B": layer.mose_B[adapter],
-        "mose_router.in_weight": router.in_weight,
-        "mose_router.in_bias": router.in_bias,
-        "mose_router.out_weight": router.out_weight,
-        "mose_router.out_bias": router.out_bias,
         "base_layer.weight": layer.base_layer.weight,
     }
+    if adapter in layer.mose_router:
+        router = layer.mose_router[adapter]
+        for name in ("in_weight", "in_bias", "out_weight", "out_bias"):
+            params[f"mose_router.{name}"] = getattr(router, name)
     if adapter in layer.mose_gate:
         params["mose_gate"] = layer.mose_gate[adapter]
     if layer.base_layer.bias is not None:
@@ -43,6 +42,8 @@ def reference_lambda(layer, adapter: str, x: torch.Tensor, ids: torch.Tensor, va
 
 
 def _lambdas(layer, adapter: str, x: torch.Tensor, ids, valid, params: dict) -> list[torch.Tensor]:
+    if "mose_router.in_weight" not in params:  # no router (Table 6, row c): a plain average
+        return [torch.tensor(0.5, dtype=x.dtype)] * x.shape[0]
     visual_set, nonvisual_set = layer.expert_ids[adapter]
     w_in, b_in = params["mose_router.in_weight"], params["mose_router.in_bias"]
     w_out, b_out = params["mose_router.out_weight"], params["mose_router.out_bias"]
@@ -67,7 +68,8 @@ def reference_output(
     layer, adapter: str, x: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor, params: dict | None = None
 ) -> torch.Tensor:
     """Eq. 4 with Eq. 2 experts, token by token, in float64. With ``params`` from :func:`reference_params` (and a
-    float64 ``x`` that requires grad), the output is differentiable with respect to them."""
+    float64 ``x`` that requires grad), the output is differentiable with respect to them. The Table 6 ablations:
+    ``A`` with one matrix per B (symmetric), and MoAE: one expert of N LoRAs on every token, weight 1."""
     if params is None:
         with torch.no_grad():
             return reference_output(layer, adapter, x.detach(), ids, valid, reference_params(layer, adapter))
@@ -77,17 +79,18 @@ def reference_output(
     n = B.shape[2]
     scaling = layer.scaling[adapter]
     visual_set, nonvisual_set = layer.expert_ids[adapter]
-    lambdas = _lambdas(layer, adapter, x, ids, valid, params)
+    moae = layer.expert_kind[adapter] == "moae"
+    lambdas = None if moae else _lambdas(layer, adapter, x, ids, valid, params)
     rows = []
     for b in range(x.shape[0]):
         for t in range(x.shape[1]):
             token = x[b, t]
             modality = int(ids[b, t])
             out = weight @ token + bias
-            weights = {OMNI: 1.0}
-            if modality in visual_set:
+            weights = {0: 1.0} if moae else {OMNI: 1.0}
+            if not moae and modality in visual_set:
                 weights[VISUAL] = lambdas[b]
-            if modality in nonvisual_set:
+            if not moae and modality in nonvisual_set:
                 weights[NONVISUAL] = 1.0 - lambdas[b]
             for expert, expert_weight in weights.items():
                 if gate is None:
@@ -97,8 +100,8 @@ def reference_output(
                     shift = max(float(v.detach()) for v in logits)
                     exps = [torch.exp(v - shift) for v in logits]
                     alpha = [v / sum(exps) for v in exps]
-                down = A[expert] @ token
-                expert_out = sum(alpha[i] * (B[:, expert, i, :] @ down) for i in range(n))
+                downs = [A[expert] @ token] * n if A.dim() == 3 else [A[expert, i] @ token for i in range(n)]
+                expert_out = sum(alpha[i] * (B[:, expert, i, :] @ downs[i]) for i in range(n))
                 out = out + scaling * expert_weight * expert_out
             rows.append(out)
     return torch.stack(rows).view(x.shape[0], x.shape[1], -1)

@@ -48,3 +48,15 @@ def test_parameter_count_adds_one_b_and_a_gate_per_expert():
     targets, d, r = 32 * 2, 4096, 64
     assert two["mose"] - one["mose"] == targets * 3 * (d * r + 2 * d)  # a B (d x r) per expert, gates appear at N=2
     assert one["router"] == targets * (2 * (2 * d) + 2 + 2 + 1)
+
+
+def test_parameter_count_of_the_table_6_designs():
+    """Arithmetic on the 7B shape: an A per B adds 3 (N-1) r d per target, no router removes exactly the router."""
+    bench = runpy.run_path(str(BENCHMARKS / "param_count.py"))
+    targets, d, r = 32 * 2, 4096, 64
+    mose = bench["count"]()
+    assert bench["count"](expert_kind="symmetric")["mose"] - mose["mose"] == targets * 3 * r * d
+    no_router = bench["count"](router=False)
+    assert no_router["router"] == 0 and mose["mose"] - no_router["mose"] == mose["router"]
+    moae = bench["count"](expert_kind="moae", n_experts=4)
+    assert moae["mose"] == targets * 4 * (2 * r * d + d) and moae["router"] == 0
