@@ -6,6 +6,10 @@ Importing the package registers the ``MOSE`` PEFT type, so ``get_peft_model(mode
 
 import importlib
 
+from . import _versions
+
+_versions.check_supported_versions()  # first: out of range, PEFT's private hooks would fail later and obscurely
+
 from ._registration import register as _register
 from .config import MoSEConfig, MoSEPeftType
 from .context import ModalityContext, StepLayout
@@ -63,4 +67,4 @@ __all__ = [
     "prompt_only",
     "validate_modality_ids",
 ]
-__version__ = "0.1.0"
+__version__ = _versions.package_version()

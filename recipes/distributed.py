@@ -37,7 +37,8 @@ def share_cpu_deepspeed_state(args: TrainingArguments) -> None:
     config.use_configured_state = True
     args.accelerator_config = config
     # As TrainingArguments do on their own path: each new set of arguments (one per stage) starts a fresh state, so
-    # that the stage's Trainer can create its Accelerator with the DeepSpeed plugin.
+    # that the stage's Trainer can create its Accelerator with the DeepSpeed plugin. Private API, checked on accelerate
+    # 1.15.0 (tests/test_compat.py fails if it disappears or changes signature).
     AcceleratorState._reset_state(reset_partial_state=True)
     # accelerate takes the DeepSpeed branch of its set-up from this variable, as transformers sets it for a moment.
     previous = os.environ.get("ACCELERATE_USE_DEEPSPEED")

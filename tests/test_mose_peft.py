@@ -19,6 +19,7 @@ from transformers.pytorch_utils import Conv1D
 from conftest import layout, make_tiny_llama, random_tokens, tiny_llama_config
 from expert_paths import expert_path
 from peft_mose import MoSEConfig, MoSELayer
+from peft_mose._compat.transformers import enable_activation_checkpointing
 
 CFG = dict(r=8, n_experts=2, eps=0.2, init_weights=False, lora_dropout=0.0)
 
@@ -151,7 +152,7 @@ def test_gradient_checkpointing_gives_identical_gradients(llama, reentrant, grou
         torch.manual_seed(0)
         model = get_peft_model(copy.deepcopy(llama), MoSEConfig(**CFG))
         if checkpointing:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+            enable_activation_checkpointing(model, use_reentrant=reentrant)
             model.enable_input_require_grads()
         model.train()
         with expert_path(grouped):

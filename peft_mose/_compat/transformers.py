@@ -57,3 +57,12 @@ def output_cache(output: Any) -> Cache | None:
 def cache_keyword(model: nn.Module) -> str:
     """The keyword ``model``'s forward takes its cache by, for callers that pass one back (``cache`` from 5.24)."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def enable_activation_checkpointing(model: nn.Module, **checkpoint_kwargs: Any) -> None:
+    """Activation checkpointing on ``model`` under either name: ``activation_checkpointing_enable`` from 5.23,
+    ``gradient_checkpointing_enable`` (with ``gradient_checkpointing_kwargs``) before."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs)
