@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from peft import mapping
 
+from ._compat import peft as peft_compat
 from .config import MoSEConfig, MoSEPeftType
 from .model import MoSEModel
 
 
 def register() -> None:
-    """Make ``MOSE`` known to `get_peft_model`, `PeftModel.from_pretrained` and `PeftConfig` (idempotent)."""
+    """Make ``MOSE`` known to `get_peft_model`, `PeftModel.from_pretrained` and `PeftConfig`, and checksum MoSE
+    adapter files (idempotent)."""
     key = MoSEPeftType.MOSE
     entries = (
         (mapping.PEFT_TYPE_TO_CONFIG_MAPPING, MoSEConfig),
@@ -28,3 +30,4 @@ def register() -> None:
         raise KeyError(f"The prefix {MoSEModel.prefix!r} is already used by another PEFT method.")
     for table, value in entries:
         table[key] = value
+    peft_compat.install(MoSEModel.prefix)  # the adapter checksum: saved with MoSE adapters, verified on load

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from .readers import (
 )
 from .tasks import CAPTION_FIELDS, TASKS, normalize_answer, parse_tasks
 
+CHECK_THREADS = min(8, os.cpu_count() or 1)  # feature files read at once while the dataset is checked
 SampleKey = tuple[int, str, int]
 """``(sample index, task name, instruction draw)``; the draw picks the instruction (modulo the pool size)."""
 
@@ -62,8 +65,9 @@ class MERRSample:
 class MERRDataset(Dataset):
     """MERR samples for ``tasks``, indexed by :data:`SampleKey`.
 
-    Every sample is checked when the dataset is built (label, subtitle, the captions its tasks need, feature files and
-    their shapes, read from the ``.npy`` headers). A problem raises :class:`~recipes.merr.readers.SampleError` naming
+    Every sample is checked when the dataset is built (label, subtitle, the captions its tasks need, feature files,
+    their shapes, and that every feature value is finite, which reads every file once), and its features again when it
+    is read. Sample names must be unique. A problem raises :class:`~recipes.merr.readers.SampleError` naming
     the sample and the file, unless ``skip_missing`` is set: then the sample is left out and listed in ``skipped``.
     """
 
@@ -90,13 +94,18 @@ class MERRDataset(Dataset):
         subtitles = read_subtitles(subtitle_file, subtitle_column)
         self.records: list[MERRRecord] = []
         self.skipped: list[SampleError] = []
-        for annotation in read_annotations(self.annotation_file):
-            try:
-                self.records.append(self._record(annotation, subtitles))
-            except SampleError as err:
-                if not skip_missing:
-                    raise
-                self.skipped.append(err)
+        # Checking the features reads every file: in threads, as it waits on the disk (numpy releases the GIL).
+        pool = ThreadPoolExecutor(max_workers=CHECK_THREADS)
+        try:
+            for outcome in pool.map(lambda a: self._checked_record(a, subtitles), read_annotations(annotation_file)):
+                if isinstance(outcome, SampleError):
+                    if not skip_missing:
+                        raise outcome
+                    self.skipped.append(outcome)
+                else:
+                    self.records.append(outcome)
+        finally:
+            pool.shutdown(cancel_futures=True)
         if not self.records:
             raise ValueError(f"No usable samples in {self.annotation_file}. {self.skip_report()}")
 
@@ -110,6 +119,13 @@ class MERRDataset(Dataset):
                     raise ValueError(f"Task {task!r} needs the {source}-grained caption JSON ({source}_json).")
                 captions[source] = (Path(files[source]), read_captions(files[source], CAPTION_FIELDS[source]))
         return captions
+
+    def _checked_record(self, annotation: Annotation, subtitles: dict[str, str]) -> MERRRecord | SampleError:
+        """The sample's record, or the problem that makes it unusable."""
+        try:
+            return self._record(annotation, subtitles)
+        except SampleError as err:
+            return err
 
     def _record(self, annotation: Annotation, subtitles: dict[str, str]) -> MERRRecord:
         name = annotation.name
@@ -128,7 +144,7 @@ class MERRDataset(Dataset):
             answers[task] = normalize_answer(captions[name])
         files = {kind: self.feature_root / folder / f"{name}.npy" for kind, folder in self.spec.folders.items()}
         for kind, path in files.items():
-            read_feature(path, name, self.spec.shapes(kind), header_only=True)
+            read_feature(path, name, self.spec.shapes(kind))
         return MERRRecord(name=name, label=label, subtitle=subtitles[name], answers=answers, **files)
 
     def skip_report(self) -> str:

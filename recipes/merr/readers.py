@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import csv
-import json
+import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from recipes.textfiles import load_json, read_text
 
 EMOTION_LABELS = ("neutral", "angry", "happy", "sad", "worried", "surprise", "fear", "contempt", "doubt")
 SUBTITLE_COLUMNS = ("sentence", "sentence_en")  # MERR / MER2023, MER2024
@@ -35,21 +37,28 @@ class Annotation:
 
 
 def read_annotations(path: str | Path) -> list[Annotation]:
-    """Read ``name nframes label [valence]`` rows (space separated; only name and label are used)."""
+    """Read ``name nframes label [valence]`` rows (space separated; only name and label are used). A name listed twice
+    is an error."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Annotation file {path} does not exist.")
-    rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    rows: dict[str, Annotation] = {}
+    for number, line in enumerate(read_text(path).splitlines(), start=1):
         fields = line.split()
         if not fields:
             continue
         if len(fields) < 3:
             raise ValueError(f"{path}, line {number}: expected 'name nframes label [valence]', got {line.strip()!r}.")
-        rows.append(Annotation(name=fields[0], label=fields[2], file=path, line=number))
+        if fields[0] in rows:  # it would be trained on twice, or with two labels
+            first = rows[fields[0]]
+            raise ValueError(
+                f"{path}, line {number}: sample {fields[0]!r} is listed again (label {fields[2]!r}; first on line "
+                f"{first.line}, label {first.label!r}): each sample must appear once."
+            )
+        rows[fields[0]] = Annotation(name=fields[0], label=fields[2], file=path, line=number)
     if not rows:
         raise ValueError(f"Annotation file {path} is empty: it has no 'name nframes label' rows.")
-    return rows
+    return list(rows.values())
 
 
 def check_label(annotation: Annotation, labels: Sequence[str] = EMOTION_LABELS) -> str:
@@ -71,10 +80,7 @@ def read_captions(path: str | Path, field: str) -> dict[str, str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Caption file {path} does not exist.")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"Caption file {path} is not valid JSON: {err}") from None
+    data = load_json(path)  # a name given twice is an error, not "the last caption wins"
     if not isinstance(data, dict):
         raise ValueError(f"Caption file {path} must hold a JSON object {{name: {{...}}}}, got {type(data).__name__}.")
     captions = {}
@@ -86,32 +92,48 @@ def read_captions(path: str | Path, field: str) -> dict[str, str]:
 
 
 def read_subtitles(path: str | Path, column: str | None = None) -> dict[str, str]:
-    """Read the subtitle CSV (columns ``name`` and ``sentence``, or ``sentence_en`` for MER2024)."""
+    """Read the subtitle CSV (columns ``name`` and ``sentence``, or ``sentence_en`` for MER2024). A name with two
+    different subtitles is an error."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Subtitle file {path} does not exist.")
-    with path.open(encoding="utf-8-sig", newline="") as handle:
-        reader = csv.DictReader(handle)
-        header = reader.fieldnames or []
-        found = column or next((c for c in SUBTITLE_COLUMNS if c in header), None)
-        if "name" not in header or found not in header:
-            wanted = column or " or ".join(SUBTITLE_COLUMNS)
-            raise ValueError(f"Subtitle file {path} needs the columns 'name' and {wanted!r}; it has {header}.")
-        return {row["name"]: row[found] or "" for row in reader}
+    reader = csv.DictReader(io.StringIO(read_text(path, encoding="utf-8-sig"), newline=""))
+    header = reader.fieldnames or []
+    found = column or next((c for c in SUBTITLE_COLUMNS if c in header), None)
+    if "name" not in header or found not in header:
+        wanted = column or " or ".join(SUBTITLE_COLUMNS)
+        raise ValueError(f"Subtitle file {path} needs the columns 'name' and {wanted!r}; it has {header}.")
+    subtitles: dict[str, str] = {}
+    lines: dict[str, int] = {}
+    for row in reader:
+        name, text = row["name"], row[found] or ""
+        if name in subtitles and subtitles[name] != text:  # a repeated identical row is harmless
+            raise ValueError(
+                f"Subtitle file {path}, line {reader.line_num}: {name!r} has a second, different subtitle (first on "
+                f"line {lines[name]}): {subtitles[name]!r} vs {text!r}."
+            )
+        subtitles[name], lines[name] = text, lines.get(name, reader.line_num)
+    return subtitles
 
 
-def read_feature(path: Path, sample: str, shapes: Sequence[tuple[int, ...]], header_only: bool = False) -> np.ndarray:
-    """Load a feature ``.npy`` (never unpickling) and check its shape is one of ``shapes``; problems raise
-    :class:`SampleError`. ``header_only`` memory-maps the file, reading only its header."""
+def read_feature(path: Path, sample: str, shapes: Sequence[tuple[int, ...]]) -> np.ndarray:
+    """Memory-map a feature ``.npy`` (never unpickling) and check that its shape is one of ``shapes`` and that every
+    value is finite (which reads the whole file); problems raise :class:`SampleError`."""
     if not path.is_file():
         raise SampleError(sample, path, "missing feature file", "no such file")
     try:
-        array = np.load(path, mmap_mode="r" if header_only else None, allow_pickle=False)
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
     except ValueError as err:
         raise SampleError(sample, path, "unreadable feature file", str(err)) from None
     if tuple(array.shape) not in shapes or not np.issubdtype(array.dtype, np.floating):
         expected = " or ".join(str(s) for s in shapes)
         raise SampleError(
             sample, path, "wrong feature shape", f"got {tuple(array.shape)} {array.dtype}, expected {expected} float"
+        )
+    if not np.isfinite(array).all():  # one NaN here would turn every trained weight into NaN within a few steps
+        bad = ~np.isfinite(array)
+        first = tuple(int(i) for i in np.unravel_index(int(bad.argmax()), array.shape))
+        raise SampleError(
+            sample, path, "non-finite feature values", f"{int(bad.sum())} NaN or infinite values, the first at {first}"
         )
     return array

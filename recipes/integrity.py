@@ -1,0 +1,216 @@
+"""Checkpoint integrity for ``recipes/merr_finetune.py``: a manifest in every checkpoint, verified before resuming.
+
+Trainer writes a checkpoint file by file and nothing marks it complete or unchanged: a run killed while saving leaves
+a partial one, a damaged one resumes into a different model, and DeepSpeed unpickles whatever lies in its
+``global_step*/`` files. :class:`CheckpointManifests` therefore writes ``manifest.json`` (every file with its size and
+SHA-256) into each checkpoint once Trainer has finished it, as the last file and atomically, and only then rotates
+old checkpoints; :func:`resolve_resume` refuses a checkpoint whose files differ from its manifest in any way before
+anything of it is loaded. What this does and cannot guarantee: docs/recipes.md, "Checkpoint integrity".
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+from peft.utils import CONFIG_NAME
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from recipes.textfiles import load_json
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = 1
+_CHUNK = 1 << 20
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is incomplete or damaged, or that could not be saved."""
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _files(directory: Path) -> dict[str, Path]:
+    """``{relative path: path}`` of every file in a checkpoint but its manifest (and a manifest being written)."""
+    files = {p.relative_to(directory).as_posix(): p for p in directory.rglob("*") if p.is_file()}
+    return {name: path for name, path in files.items() if not name.startswith(MANIFEST)}
+
+
+def write_manifest(directory: Path, step: int) -> Path:
+    """Write ``directory/manifest.json`` listing every file with its size and SHA-256, after flushing each to disk;
+    written to a temporary name and renamed, so that a manifest is either complete or absent."""
+    entries = {}
+    for name, path in sorted(_files(directory).items()):
+        with path.open("rb") as handle:
+            os.fsync(handle.fileno())  # the data the manifest vouches for is on disk before the manifest is
+        entries[name] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
+    manifest = directory / MANIFEST
+    partial = directory / f"{MANIFEST}.tmp"
+    with partial.open("w", encoding="utf-8") as handle:
+        json.dump({"format": MANIFEST_FORMAT, "step": step, "files": entries}, handle, indent=1)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(partial, manifest)
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)  # the rename itself
+    finally:
+        os.close(descriptor)
+    return manifest
+
+
+def checkpoint_problems(directory: Path) -> list[str]:
+    """What is wrong with a checkpoint compared with its manifest (nothing: intact). Reads every file."""
+    manifest = directory / MANIFEST
+    if not directory.is_dir():
+        return [f"{directory} is not a folder"]
+    if not manifest.is_file():
+        return [
+            f"{manifest} is missing: the checkpoint was never finished (the run stopped while saving it) or was not "
+            "written by merr_finetune.py"
+        ]
+    try:
+        listed = load_json(manifest)["files"]
+    except (ValueError, KeyError, TypeError) as err:
+        return [f"{manifest} is unreadable ({err})"]
+    present = _files(directory)
+    problems = [f"{directory / name} is missing" for name in sorted(set(listed) - set(present))]
+    problems += [f"{present[n]} was added after the checkpoint was written" for n in sorted(set(present) - set(listed))]
+    for name in sorted(set(listed) & set(present)):
+        size = present[name].stat().st_size
+        if size != listed[name]["size"]:
+            problems.append(f"{present[name]} changed: {size} bytes, {listed[name]['size']} when written")
+        elif file_sha256(present[name]) != listed[name]["sha256"]:
+            problems.append(f"{present[name]} changed: its SHA-256 differs from the one written")
+    return problems
+
+
+def checkpoints(stage_dir: Path) -> list[Path]:
+    """The ``checkpoint-N`` folders of a stage, by step."""
+    found = [p for p in stage_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def newest_intact(stage_dirs: Sequence[Path], exclude: Path | None = None) -> Path | None:
+    """The newest checkpoint without problems, searching ``stage_dirs`` in order (newest stage first)."""
+    for stage_dir in stage_dirs:
+        for checkpoint in reversed(checkpoints(stage_dir)):
+            if checkpoint.resolve() != (exclude.resolve() if exclude else None) and not checkpoint_problems(checkpoint):
+                return checkpoint
+    return None
+
+
+def _resume_hint(stage_dirs: Sequence[Path], exclude: Path | None = None) -> str:
+    newest = newest_intact(stage_dirs, exclude)
+    if newest is None:
+        return "This run has no intact checkpoint to resume from."
+    return (
+        f"The newest intact checkpoint is {newest}: resume with --resume_from_checkpoint {newest} (or with no path, "
+        "which picks it)."
+    )
+
+
+def resolve_resume(value: str | None, output_dir: Path, stages: Sequence[str]) -> str | None:
+    """The checkpoint ``--resume_from_checkpoint`` names, verified before anything of it is loaded: no value (or
+    ``True``) picks the newest intact checkpoint of the run's stages; a checkpoint with problems raises
+    :class:`CheckpointError` naming them and the newest intact one."""
+    if value is None:
+        return None
+    stage_dirs = [output_dir / stage for stage in reversed(stages)]
+    if value.lower() == "true":
+        newest = newest_intact(stage_dirs)
+        if newest is None:
+            searched = ", ".join(str(d) for d in stage_dirs)
+            raise CheckpointError(f"--resume_from_checkpoint: no intact checkpoint in {searched}.")
+        return str(newest)
+    problems = checkpoint_problems(Path(value))
+    if problems:
+        raise CheckpointError(
+            f"Refusing to resume from {value}, nothing of it was loaded: {'; '.join(problems)}. "
+            f"{_resume_hint(stage_dirs, exclude=Path(value))}"
+        )
+    return value
+
+
+def _disk_full(error: BaseException | None) -> bool:
+    """Whether ``error`` (or what caused it) is a full disk: ``OSError(ENOSPC)``, or torch's zip writer failing."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return True
+        if isinstance(error, RuntimeError) and any(s in str(error) for s in ("basic_ios::clear", "file write failed")):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def save_failure(checkpoint: Path, error: Exception) -> CheckpointError | None:
+    """After ``error`` stopped training while ``checkpoint`` was due to be saved: if that save failed (the folder is
+    incomplete, or the disk is full), remove what it left and return the error to raise; else ``None``."""
+    left = checkpoint.is_dir() and bool(checkpoint_problems(checkpoint))
+    if not (left or _disk_full(error)):
+        return None
+    if left:
+        shutil.rmtree(checkpoint)
+    reason = "no space left on device" if _disk_full(error) else f"{type(error).__name__}: {error}"
+    nothing = "What it had written was removed; nothing" if left else "Nothing"
+    return CheckpointError(
+        f"Could not save checkpoint {checkpoint}: {reason}. {nothing} saved before was lost. "
+        f"{_resume_hint([checkpoint.parent])}"
+    )
+
+
+def check_adapter_dir(directory: Path) -> None:
+    """Refuse an adapter folder whose ``adapter_config.json`` PEFT would fail on with a bare ``KeyError`` or
+    ``JSONDecodeError``: missing, invalid JSON, no ``peft_type`` or one PEFT does not know."""
+    config_file = directory / CONFIG_NAME
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} does not exist: {directory} holds no saved adapter.")
+    config = load_json(config_file)
+    if not isinstance(config, dict) or "peft_type" not in config:
+        raise ValueError(f"{config_file} has no 'peft_type': it is not the configuration of a saved PEFT adapter.")
+    if config["peft_type"] not in PEFT_TYPE_TO_CONFIG_MAPPING:
+        known = ", ".join(sorted(str(getattr(k, "value", k)) for k in PEFT_TYPE_TO_CONFIG_MAPPING))
+        raise ValueError(
+            f"{config_file}: unknown peft_type {config['peft_type']!r} (known: {known}; MOSE needs `import peft_mose`)."
+        )
+
+
+class CheckpointManifests(TrainerCallback):
+    """Writes the manifest of every checkpoint once Trainer has written all of it (``on_save``, after every process
+    finished its files), then deletes checkpoints beyond ``save_total_limit`` (unfinished ones first, then the
+    oldest), never the one just written. Trainer's
+    own rotation must be off (``save_total_limit=None`` in its arguments): it runs inside the save, before
+    ``on_save``, so a crash between the two would leave the newest checkpoint unverifiable and the intact one gone."""
+
+    def __init__(self, save_total_limit: int | None) -> None:
+        self.save_total_limit = save_total_limit
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()  # the other processes' files (their RNG state, their DeepSpeed shards)
+        if not args.should_save:
+            return
+        checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        try:
+            write_manifest(checkpoint, state.global_step)
+        except OSError as error:
+            raise save_failure(checkpoint, error) or error
+        if self.save_total_limit is not None and self.save_total_limit > 0:
+            older = [c for c in checkpoints(checkpoint.parent) if c != checkpoint]
+            older.sort(key=lambda c: (c / MANIFEST).is_file())  # unfinished ones (no manifest) first, then by step
+            for stale in older[: max(len(older) + 1 - self.save_total_limit, 0)]:
+                shutil.rmtree(stale)

@@ -1,0 +1,27 @@
+"""Run ``recipes/merr_finetune.py`` and SIGKILL this process while it saves ``checkpoint-<KILL_AT_CHECKPOINT>``: after
+the adapter and projectors, before the optimizer, scheduler and RNG state, as a crash or the OOM killer would."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from recipes import merr_finetune as finetune  # noqa: E402
+
+KILL_AT = f"checkpoint-{os.environ['KILL_AT_CHECKPOINT']}"
+save_projectors = finetune.save_projectors
+
+
+def save_then_die(projectors, path):
+    saved = save_projectors(projectors, path)
+    if Path(path).parent.name == KILL_AT:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return saved
+
+
+finetune.save_projectors = save_then_die
+finetune.main()
