@@ -327,3 +327,26 @@ def test_unsupported_models_and_mismatched_ids_raise_value_errors():
     with pytest.raises(ValueError, match="modality_ids"), attention_reallocation(model, mods[:, :-1]):
         model(input_ids=ids, attention_mask=mask)
     assert model.config._attn_implementation == "sdpa"
+
+
+FLOAT64_CASES = {  # options, and the reference's transform of the float64 weights (computed in float64)
+    "ar": (dict(tau=0.0), lambda scores, weights, visual, audio: reallocate_attention(weights, visual, audio, 0.0)),
+    "pai": (dict(strategy="pai", alpha=0.5), pai_logits_transform(0.5)),
+}
+
+
+@pytest.mark.parametrize("strategy", sorted(FLOAT64_CASES))
+def test_a_float64_model_is_reallocated_in_float64(model, strategy):
+    model.double()
+    # right padding: transformers' float64 eager mask turns fully masked (left) padding rows into NaN values
+    ids, mask, mods = make_batch(side="right")
+    valid = mask.bool()
+    options, transform = FLOAT64_CASES[strategy]
+    with torch.no_grad():
+        base = model(input_ids=ids, attention_mask=mask).logits
+    # every row explicit: transformers' eager attention takes its softmax in float32 even for a float64 model
+    out = logits_with(model, ids, mask, mods, rows="all", **options)
+    expected = reference_logits(model, ids, mask, mods, transform, layers={0, 1}, rows="all")
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out[valid], expected[valid], atol=1e-12, rtol=0)
+    assert (out[valid] - base[valid]).abs().amax() > 1e-4

@@ -51,8 +51,10 @@ case_args = dict(
 )
 
 
-def oracle(weights: torch.Tensor, visual: torch.Tensor, audio: torch.Tensor, tau: float):
-    """Algorithm 1's decisions and Eq. 14 in float64 loops: per (sample, row) c and per head (biased, Δ)."""
+def oracle(weights: torch.Tensor, visual: torch.Tensor, audio: torch.Tensor, tau: float,
+           min_visual_mass: float = np.finfo(np.float32).tiny):  # fmt: skip
+    """Algorithm 1's decisions and Eq. 14 in float64 loops: per (sample, row) c and per head (biased, Δ); heads with
+    less visual mass than ``min_visual_mass`` (the compute dtype's smallest normal number) are left alone."""
     w = weights.double().numpy()
     batch, heads, q_len, _ = w.shape
     biased = np.zeros((batch, heads, q_len), dtype=bool)
@@ -68,7 +70,7 @@ def oracle(weights: torch.Tensor, visual: torch.Tensor, audio: torch.Tensor, tau
             c = s_a.sum() / s_v.sum()
             ratio[b, q] = c
             for h in range(heads):
-                if c > tau and s_v[h] >= np.finfo(np.float32).tiny and s_a[h] / s_v[h] > c:
+                if c > tau and s_v[h] >= min_visual_mass and s_a[h] / s_v[h] > c:
                     biased[b, h, q] = True
                     delta[b, h, q] = (s_a[h] - c * s_v[h]) / (1 + c)
     return biased, delta, ratio
@@ -219,6 +221,57 @@ def test_tiny_visual_mass_in_bfloat16_neither_overflows_nor_loses_mass():
     subnormal = torch.tensor([[[[0.5, 2e-40, 2e-40, 0.5]]]], dtype=torch.bfloat16)
     out = reallocate_attention(torch.cat([subnormal, other], dim=1), visual, audio, tau=0.0)
     assert torch.equal(out[0, 0], subnormal[0, 0])
+
+
+@CASES
+@given(tau=st.sampled_from([0.0, 0.05, 0.3, 1.0, 2.0]), **case_args)
+def test_float64_weights_are_reallocated_in_float64(tau, seed, batch, heads, q_len, k_len, sharpness, holes):
+    weights, visual, audio = random_case(seed, batch, heads, q_len, k_len, sharpness, holes)
+    weights = weights.double()
+    out = reallocate_attention(weights, visual, audio, tau=tau)
+    assert out.dtype == torch.float64
+    biased, delta, ratio = oracle(weights, visual, audio, tau, min_visual_mass=np.finfo(np.float64).tiny)
+    clear = clear_decisions(weights, visual, audio, tau, rel=1e-12)
+    changed = (out != weights).any(-1)
+    assert torch.equal(changed[clear], torch.from_numpy(biased)[clear])
+    s_v, s_a = masses(weights, visual, audio)
+    n_v, n_a = masses(out, visual, audio)
+    torch.testing.assert_close(s_a - n_a, torch.from_numpy(delta), atol=1e-12, rtol=0)  # Eq. 14
+    torch.testing.assert_close(n_v + n_a, s_v + s_a, atol=1e-12, rtol=0)  # Eq. 9
+    plan = plan_reallocation(*modality_mass(weights, visual, audio), tau)
+    assert plan.moved.dtype == torch.float64
+    torch.testing.assert_close(plan.moved, torch.from_numpy(delta), atol=1e-12, rtol=0)
+    w = weights.numpy()
+    for b, h, q in zip(*np.nonzero(biased)):  # Eq. 8-11 solved numerically, in float64
+        expected = solve_constraints(w[b, h, q], visual[b].numpy(), audio[b].numpy(), ratio[b, q])
+        np.testing.assert_allclose(out[b, h, q].numpy(), expected, rtol=0, atol=1e-12)
+    uap_v, uap_a = unimodal_attention_proportion(weights, visual, audio)
+    assert uap_v.dtype == torch.float64
+    torch.testing.assert_close(uap_v, s_v.mean(1), atol=1e-14, rtol=0)
+    torch.testing.assert_close(uap_a, s_a.mean(1), atol=1e-14, rtol=0)
+
+
+def test_float64_pai_and_visual_mass_below_float32s_range():
+    weights, visual, audio = random_case(5, 2, 3, 2, 9, 2.0, False)
+    w = weights.double()
+    boosted = w * torch.where(visual[:, None, None], 1.5, 1.0)
+    expected = boosted * (w.sum(-1, keepdim=True) / boosted.sum(-1, keepdim=True))
+    out = amplify_visual_weights(w, visual, 0.5)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, expected, atol=1e-15, rtol=0)
+    scores = torch.randn(2, 3, 2, 9, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    logits = amplify_visual_logits(scores, visual, 0.5)
+    assert logits.dtype == torch.float64
+    torch.testing.assert_close(logits, torch.where(visual[:, None, None], scores + 0.5 * scores.abs(), scores),
+                               atol=0, rtol=0)  # fmt: skip
+    # float64 weights of 1e-300 on the visual tokens: there is a visual distribution to scale, unlike in float32
+    visual1 = torch.tensor([[False, True, True, False]])
+    audio1 = torch.tensor([[False, False, False, True]])
+    tiny = torch.tensor([[[[0.5, 1e-300, 3e-300, 0.5]], [[0.5, 0.2, 0.2, 0.1]]]], dtype=torch.float64)
+    out = reallocate_attention(tiny, visual1, audio1, tau=0.0)
+    assert torch.isfinite(out).all() and (out[0, 0, 0, 1:3] > 0.01).all()
+    torch.testing.assert_close(out[0, 0, 0, 2] / out[0, 0, 0, 1], torch.tensor(3.0, dtype=torch.float64))
+    torch.testing.assert_close(out[0, 0, 0].sum(), torch.tensor(1.0, dtype=torch.float64), atol=1e-15, rtol=0)
 
 
 @CASES

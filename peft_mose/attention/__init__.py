@@ -2,11 +2,11 @@
 
 ``functional`` holds the equations as pure tensor functions; ``backend`` runs them inside a transformers model as a
 registered attention implementation (:func:`attention_reallocation`); ``diagnostics`` and ``plot`` collect and draw
-the per-layer statistics of the first response token.
+the per-layer statistics of every generated step (the first response token, or the first emotion word).
 """
 
 from .backend import AttentionReallocation, ReallocationSettings, attention_reallocation
-from .diagnostics import LayerDiagnostics, ReallocationDiagnostics
+from .diagnostics import LayerDiagnostics, ReallocationDiagnostics, StepDiagnostics
 from .functional import (
     ARPlan,
     amplify_visual_logits,
@@ -18,18 +18,21 @@ from .functional import (
     reallocation_delta,
     unimodal_attention_proportion,
 )
-from .plot import collect_diagnostics, middle_layers, plot_diagnostics
+from .plot import EmotionWordStep, collect_diagnostics, emotion_word_steps, middle_layers, plot_diagnostics
 
 __all__ = [
     "ARPlan",
     "AttentionReallocation",
+    "EmotionWordStep",
     "LayerDiagnostics",
     "ReallocationDiagnostics",
     "ReallocationSettings",
+    "StepDiagnostics",
     "amplify_visual_logits",
     "amplify_visual_weights",
     "attention_reallocation",
     "collect_diagnostics",
+    "emotion_word_steps",
     "layer_ratio",
     "middle_layers",
     "modality_mass",

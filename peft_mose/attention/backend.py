@@ -4,9 +4,10 @@
 ``AttentionInterface`` and ``AttentionMaskInterface``), where ``<base>`` is the implementation the model had
 (``"sdpa"`` or ``"eager"``), and restores the previous one on exit. In the chosen layers, the registered function
 computes the rows that produce response tokens (each sample's last prompt position, every generated token)
-explicitly: their attention weights in float32, changed by :mod:`.functional`, times V. All other rows come from the
-base implementation, unchanged (the prefill keeps SDPA's kernels); a decode step, whose rows are all response rows,
-does not run the base at all, so AR reads the KV cache once, like the model without it.
+explicitly: their attention weights in float32 (float64 for a float64 model), changed by :mod:`.functional`, times
+V. All other rows come from the base implementation, unchanged (the prefill keeps SDPA's kernels); a decode step,
+whose rows are all response rows, does not run the base at all, so AR reads the KV cache once, like the model
+without it.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from .functional import (
     amplify_visual_weights,
     check_alpha,
     check_tau,
+    compute_dtype,
 )
 
 STRATEGIES = ("ar", "pai")
@@ -101,7 +103,9 @@ class _Layout:
     audio: Tensor
     masks: Tensor
     rows: _Rows | None
-    first: _Rows | None
+    recorded: _Rows | None
+    """With ``record=True``: the response rows, whose statistics are recorded at their key positions below."""
+    recorded_positions: Tensor | None
 
 
 def _select_rows(selected: Tensor) -> _Rows | None:
@@ -116,6 +120,13 @@ def _select_rows(selected: Tensor) -> _Rows | None:
     # A stable sort puts each sample's selected rows first; the distinct unselected rows after them pad the count.
     index = torch.sort(selected.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :count]
     return _Rows(index=index, ok=selected.gather(1, index), all_ok=all_ok)
+
+
+def _row_positions(rows: _Rows, q_len: int) -> Tensor:
+    """The query positions (within the forward's new rows) of ``rows``, ``[batch, r]``."""
+    if rows.index is not None:
+        return rows.index
+    return torch.arange(q_len, device=rows.ok.device).expand_as(rows.ok)
 
 
 def _layout(state: StepLayout, batch: int, q_len: int, k_len: int, rows: str, record: bool) -> _Layout:
@@ -135,7 +146,7 @@ def _layout(state: StepLayout, batch: int, q_len: int, k_len: int, rows: str, re
     visual = valid & (ids == int(Modality.VISUAL))
     audio = valid & (ids == int(Modality.AUDIO))
     selected = state.valid if rows == "all" else state.response_rows
-    first = state.response_rows & (state.modality_ids != int(Modality.ANSWER)) if record else None
+    recorded = _select_rows(state.new(state.response_rows)) if record else None
     layout = _Layout(
         modality_ids=ids,
         valid=valid,
@@ -143,7 +154,8 @@ def _layout(state: StepLayout, batch: int, q_len: int, k_len: int, rows: str, re
         audio=audio,
         masks=_stack_masks(visual, audio),
         rows=_select_rows(state.new(selected)),
-        first=_select_rows(state.new(first)) if record else None,
+        recorded=recorded,
+        recorded_positions=None if recorded is None else state.past_length + _row_positions(recorded, q_len),
     )
     state.attention_layouts[key] = layout
     return layout
@@ -163,15 +175,16 @@ def _row_logits(
     module: nn.Module, query: Tensor, key: Tensor, mask: Tensor | None, scaling: float | None, rows: _Rows,
     is_causal: bool | None,
 ) -> tuple[Tensor, Tensor | None]:
-    """Scaled scores ``[batch, heads, r, k_len]`` of the chosen rows (float32) and the additive mask of those rows
-    (float32, broadcastable, or ``None``), computed as eager attention does, without repeating the KV heads."""
+    """Scaled scores ``[batch, heads, r, k_len]`` of the chosen rows and the additive mask of those rows
+    (broadcastable, or ``None``), both in :func:`~.functional.compute_dtype` of the query, computed as eager attention
+    does, without repeating the KV heads."""
     batch, heads, q_len, dim = query.shape
     kv_heads, k_len = key.shape[1], key.shape[2]
     q = _gather_rows(query, rows)
     r = q.shape[2]
     scale = scaling if scaling is not None else dim**-0.5
     scores = (q * scale).reshape(batch, kv_heads, (heads // kv_heads) * r, dim) @ key.transpose(-1, -2)
-    scores = scores.view(batch, heads, r, k_len).float()
+    scores = scores.view(batch, heads, r, k_len).to(compute_dtype(query.dtype))
     if mask is None:
         causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
         if not causal or q_len == 1:
@@ -182,14 +195,15 @@ def _row_logits(
     elif mask.dtype == torch.bool:
         allowed = _gather_rows(mask, rows)
     else:
-        return scores, _gather_rows(mask, rows).float()
-    return scores, torch.where(allowed, 0.0, -math.inf)
+        return scores, _gather_rows(mask, rows).to(scores.dtype)
+    return scores, torch.where(allowed, scores.new_zeros(()), -math.inf)
 
 
 def _new_weights(settings: ReallocationSettings, scores: Tensor, bias: Tensor | None, weights: Tensor,
                  layout: _Layout) -> Tensor:
-    """The rows' float32 weights under ``settings``' strategy (``weights`` itself when AR changes nothing; that is
-    checked only on CPU, where it is cheaper than the work it saves, while on GPUs it would sync every layer)."""
+    """The rows' weights (float32 or float64) under ``settings``' strategy (``weights`` itself when AR changes
+    nothing; that is checked only on CPU, where it is cheaper than the work it saves, while on GPUs it would sync every
+    layer)."""
     if settings.strategy == "ar":
         check = weights.device.type == "cpu"
         visual_mass, audio_mass = _modality_mass(weights, layout.masks)
@@ -228,8 +242,9 @@ def _attend(
     active: _Active, base: str, module: nn.Module, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None,
     scaling: float | None, dropout: float, kwargs: dict,
 ) -> tuple[Tensor, Tensor | None]:
-    """Base attention for every row except the chosen rows of the chosen layers, which get explicit float32
-    attention weights changed by the strategy. When every row is chosen (decoding), the base is not run at all."""
+    """Base attention for every row except the chosen rows of the chosen layers, which get explicit float32 (float64
+    for float64 inputs) attention weights changed by the strategy. When every row is chosen (decoding), the base is
+    not run at all."""
     base_function = _base_function(base, module)
     settings, state = active.settings, active.scope.step()
     apply = module.layer_idx in settings.layers and (settings.tau != math.inf or settings.strategy != "ar")
@@ -240,12 +255,12 @@ def _attend(
         raise ValueError("Attention reallocation is an inference-time method; call model.eval() (dropout > 0).")
     layout = _layout(state, query.shape[0], query.shape[2], key.shape[2], settings.rows, record)
 
-    if record and layout.first is not None:
-        scores, bias, before = _row_weights(module, query, key, mask, scaling, layout.first, kwargs)
+    if record and layout.recorded is not None:
+        scores, bias, before = _row_weights(module, query, key, mask, scaling, layout.recorded, kwargs)
         after = _new_weights(settings, scores, bias, before, layout) if apply else before
         active.diagnostics.record(
-            module.layer_idx, before[:, :, 0], after[:, :, 0], layout.visual, layout.audio, layout.first.ok[:, 0],
-            layout.modality_ids, layout.valid,
+            module.layer_idx, before, after, layout.recorded_positions, layout.recorded.ok, layout.visual,
+            layout.audio, layout.modality_ids, layout.valid,
         )
 
     rows = layout.rows
@@ -377,7 +392,7 @@ def attention_reallocation(
     are answer tokens; a forward without a cache must be exactly that prompt). ``strategy`` is ``"ar"`` (MoSEAR, threshold ``tau``)
     or ``"pai"`` (factor ``alpha``, ``pai_mode`` ``"logits"`` or ``"weights"``); ``layers`` restricts it to some
     layer indices; ``rows="all"`` applies it to every query row instead of the response rows; ``record=True`` fills
-    ``.diagnostics`` for the first response token.
+    ``.diagnostics`` for every response row, step by step (step 0: the first response token).
     """
     target = _transformers_model(model)
     modules = _attention_modules(target)

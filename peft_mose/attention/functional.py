@@ -2,7 +2,8 @@
 
 This module is the single place where each equation is computed; the attention backend and the diagnostics call it.
 Shapes: attention weights or logits ``[batch, heads, q_len, k_len]``, modality masks bool ``[batch, k_len]``.
-Everything is computed in float32 and cast back to the input dtype.
+Everything is computed in :func:`compute_dtype` of the input (float64 for float64 inputs, float32 for the others)
+and cast back to the input dtype.
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ class ARPlan(NamedTuple):
     ω (1 - Δ_h / S_h(ω, A)) (Eq. 12); these two relative changes, 0 for heads left unchanged."""
 
 
-# Heads whose visual mass is below float32's smallest normal number are left alone: Eq. 13 would need a factor that
-# overflows, and there is no visual distribution to scale (Eq. 11) anyway.
-_MIN_VISUAL_MASS = torch.finfo(torch.float32).tiny
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the equations are computed in for inputs of ``dtype``: float64 stays float64 (a float64 model gets
+    float64 attention), every other dtype is computed in float32 (half types are too coarse for masses and ratios)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def check_tau(tau: float) -> float:
@@ -80,25 +82,28 @@ def check_attention_inputs(attn: Tensor, visual_mask: Tensor, audio_mask: Tensor
 
 
 def _stack_masks(visual_mask: Tensor, audio_mask: Tensor) -> Tensor:
-    """The two masks as float32 columns ``[batch, k_len, 2]``: one batched matmul then sums or spreads per modality."""
+    """The two masks as float32 columns ``[batch, k_len, 2]``: one batched matmul then sums or spreads per modality
+    (cast to float64 by the functions below for float64 weights)."""
     return torch.stack((visual_mask, audio_mask), dim=-1).to(torch.float32)
 
 
 def _modality_mass(attn_weights: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
     batch, heads, q_len, k_len = attn_weights.shape
-    mass = (attn_weights.float().reshape(batch, heads * q_len, k_len) @ masks).view(batch, heads, q_len, 2)
+    weights = attn_weights.to(compute_dtype(attn_weights.dtype))
+    mass = (weights.reshape(batch, heads * q_len, k_len) @ masks.to(weights.dtype)).view(batch, heads, q_len, 2)
     return mass[..., 0], mass[..., 1]
 
 
 def _reallocation_delta(attn_weights: Tensor, masks: Tensor, plan: ARPlan) -> Tensor:
     batch, heads, q_len, k_len = attn_weights.shape
-    per_key = (plan.change.view(batch, heads * q_len, 2) @ masks.transpose(1, 2)).view(batch, heads, q_len, k_len)
-    return attn_weights.float() * per_key
+    change = plan.change.view(batch, heads * q_len, 2)
+    per_key = (change @ masks.to(change.dtype).transpose(1, 2)).view(batch, heads, q_len, k_len)
+    return attn_weights.to(change.dtype) * per_key
 
 
 def modality_mass(attn_weights: Tensor, visual_mask: Tensor, audio_mask: Tensor) -> tuple[Tensor, Tensor]:
-    """S_h(ω, V) and S_h(ω, A): each head's total weight on visual and on audio tokens (float32, ``[batch, heads,
-    q_len]`` each)."""
+    """S_h(ω, V) and S_h(ω, A): each head's total weight on visual and on audio tokens (:func:`compute_dtype`,
+    ``[batch, heads, q_len]`` each)."""
     check_attention_inputs(attn_weights, visual_mask, audio_mask, "attn_weights")
     return _modality_mass(attn_weights, _stack_masks(visual_mask, audio_mask))
 
@@ -117,25 +122,28 @@ def layer_ratio(visual_mass: Tensor, audio_mass: Tensor) -> Tensor:
 
 
 def plan_reallocation(visual_mass: Tensor, audio_mass: Tensor, tau: float) -> ARPlan:
-    """Eq. 5-7 and 12-14 from the per-head masses S_h(ω, V), S_h(ω, A) (``[batch, heads, q_len]``, float32).
+    """Eq. 5-7 and 12-14 from the per-head masses S_h(ω, V), S_h(ω, A) (``[batch, heads, q_len]``, float32 or
+    float64).
 
     c_h > c is tested as S_A,h > c S_V,h, which needs no division by a head's (possibly zero) visual mass. Rows
     without audio mass (c = 0), without visual mass (c = inf, and no head reaches the minimum visual mass) or without
-    both (c = NaN) get no biased head.
+    both (c = NaN) get no biased head. Heads whose visual mass is below the smallest normal number of the masses'
+    dtype are left alone: Eq. 13 would need a factor that overflows, and there is no visual distribution to scale
+    (Eq. 11) anyway.
     """
     return _plan(visual_mass, audio_mass, _totals(visual_mass, audio_mass)[2], check_tau(tau))
 
 
 def _plan(visual_mass: Tensor, audio_mass: Tensor, c: Tensor, tau: float) -> ARPlan:
     audio_if_balanced = c * visual_mass
-    biased = (c > tau) & (visual_mass >= _MIN_VISUAL_MASS) & (audio_mass > audio_if_balanced)
+    biased = (c > tau) & (visual_mass >= torch.finfo(visual_mass.dtype).tiny) & (audio_mass > audio_if_balanced)
     moved = torch.where(biased, (audio_mass - audio_if_balanced) / (1 + c), 0.0)
     change = moved.unsqueeze(-1) / torch.stack((visual_mass, -audio_mass), dim=-1)
     return ARPlan(biased=biased, moved=moved, change=torch.where(biased.unsqueeze(-1), change, 0.0))
 
 
 def reallocation_delta(attn_weights: Tensor, visual_mask: Tensor, audio_mask: Tensor, plan: ARPlan) -> Tensor:
-    """ω' - ω of Eq. 12-13 (float32): each weight times its modality's change in ``plan``; exactly 0 elsewhere.
+    """ω' - ω of Eq. 12-13 (in ``plan``'s dtype): each weight times its modality's change; exactly 0 elsewhere.
 
     Scaling every weight of a modality by one factor is what Eq. 10-11 ask for (intra-modality proportions kept).
     """
@@ -150,19 +158,21 @@ def reallocate_attention(
 
     Per sample and query row: if c > ``tau``, every head with c_h > c moves Δ_h from audio to visual tokens; all other
     heads, rows and samples come back bit for bit unchanged, as do samples without visual or audio mass (and heads
-    whose visual mass is below float32's smallest normal number, where Eq. 13 is undefined in floating point).
+    whose visual mass is below the smallest normal number of the compute dtype, where Eq. 13 is undefined in floating
+    point).
     """
     check_attention_inputs(attn_weights, visual_mask, audio_mask, "attn_weights")
     tau = check_tau(tau)
     masks = _stack_masks(visual_mask, audio_mask)
     plan = plan_reallocation(*_modality_mass(attn_weights, masks), tau)
-    return (attn_weights.float() + _reallocation_delta(attn_weights, masks, plan)).to(attn_weights.dtype)
+    delta = _reallocation_delta(attn_weights, masks, plan)
+    return (attn_weights.to(delta.dtype) + delta).to(attn_weights.dtype)
 
 
 def unimodal_attention_proportion(
     attn_weights: Tensor | Sequence[Tensor], visual_mask: Tensor, audio_mask: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """UAP_v and UAP_a of Eq. 1: each modality's attention mass averaged over heads, float32.
+    """UAP_v and UAP_a of Eq. 1: each modality's attention mass averaged over heads (:func:`compute_dtype`).
 
     ``attn_weights`` is one layer ``[batch, heads, q, k]`` (returns ``[batch, q]`` each) or a sequence of layers such
     as ``outputs.attentions`` (returns ``[layers, batch, q]`` each).
@@ -183,7 +193,7 @@ def amplify_visual_logits(scores: Tensor, visual_mask: Tensor, alpha: float) -> 
     """
     check_attention_inputs(scores, visual_mask, None, "scores")
     alpha = check_alpha(alpha)
-    logits = scores.float()
+    logits = scores.to(compute_dtype(scores.dtype))
     boost = visual_mask[:, None, None, :] & torch.isfinite(logits)
     return torch.where(boost, logits + alpha * logits.abs(), logits).to(scores.dtype)
 
@@ -192,7 +202,7 @@ def amplify_visual_weights(attn_weights: Tensor, visual_mask: Tensor, alpha: flo
     """PAI as the MoSEAR paper describes it: visual weights times (1 + alpha), each row rescaled to its old sum."""
     check_attention_inputs(attn_weights, visual_mask, None, "attn_weights")
     alpha = check_alpha(alpha)
-    weights = attn_weights.float()
+    weights = attn_weights.to(compute_dtype(attn_weights.dtype))
     boosted = torch.where(visual_mask[:, None, None, :], weights * (1.0 + alpha), weights)
     old, new = weights.sum(-1, keepdim=True), boosted.sum(-1, keepdim=True)
     out = torch.where(new > 0, boosted * (old / new), weights)

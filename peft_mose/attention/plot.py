@@ -1,10 +1,15 @@
-"""Collect the first-response-token diagnostics of a model on a batch and draw them like the paper's Fig. 3(a)-(b).
+"""Collect the per-step attention diagnostics of a model on a batch and draw them like the paper's Fig. 3(a)-(b).
 
 Command line (writes ``diagnostics.json``, ``uap_per_layer.png`` and one ``token_weights_sample<b>.png`` per
 sample)::
 
     python -m peft_mose.attention.plot MODEL_DIR BATCH_FILE --out plots/ [--adapter ADAPTER_DIR]
         [--strategy ar|pai] [--tau 1.0] [--alpha 0.5] [--pai-mode logits|weights] [--layers 8:24]
+        [--step N|emotion] [--max-new-tokens 64] [--tokenizer DIR]
+
+``--step 0`` (default) plots the row producing the first response token from one forward of the prompt; ``--step
+N`` or ``--step emotion`` generate greedily first and plot step N, or for each sample the step of the token that
+completes its first emotion word (Eq. 1's y_k).
 
 ``BATCH_FILE`` is a ``torch.save``-d dict (``.pt``) or a JSON object with ``modality_ids`` and ``input_ids`` or
 ``inputs_embeds`` (and optionally ``attention_mask``), all ``[batch, seq]`` (embeddings ``[batch, seq, hidden]``).
@@ -15,9 +20,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -28,8 +33,10 @@ from torch import Tensor, nn
 from ..modality import Modality
 from ..model import is_mose_model
 from .backend import attention_reallocation
-from .diagnostics import ReallocationDiagnostics
+from .diagnostics import ReallocationDiagnostics, StepDiagnostics
 
+DEFAULT_NEW_TOKENS = 64
+"""Tokens the command generates for a step other than 0 when ``--max-new-tokens`` is not given."""
 COLORS = {
     Modality.VISUAL: "tab:blue", Modality.AUDIO: "tab:orange", Modality.TEXT: "tab:gray", Modality.ANSWER: "tab:green"
 }
@@ -52,24 +59,61 @@ def collect_diagnostics(
     input_ids: Tensor | None = None,
     inputs_embeds: Tensor | None = None,
     attention_mask: Tensor | None = None,
+    max_new_tokens: int = 0,
     **options: Any,
 ) -> ReallocationDiagnostics:
-    """Run one forward of the prompt under :func:`attention_reallocation` (``options`` are its keywords) and return
-    the statistics of the row that produces the first response token, for every layer. The ids go where the model
-    takes them: the call of a MoSE model, the block otherwise."""
-    inputs = dict(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask)
+    """Run the prompt under :func:`attention_reallocation` (``options`` are its keywords) and return the statistics
+    of every layer: with ``max_new_tokens=0`` one forward (step 0 only: the row producing the first response token),
+    else a greedy ``generate`` of that many tokens (every step; the tokens are kept in ``.generated``). The ids go
+    where the model takes them: the call of a MoSE model, the block otherwise."""
+    given = dict(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask)
+    inputs = {name: value for name, value in given.items() if value is not None}
     block_ids = modality_ids
     if is_mose_model(model):
         inputs["modality_ids"], block_ids = modality_ids, None
     with torch.no_grad(), attention_reallocation(model, block_ids, record=True, **options) as run:
-        model(**inputs)
+        if max_new_tokens > 0:
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+            # decoder-only generate returns the prompt ids before the new tokens (none for a prompt of embeddings)
+            run.diagnostics.generated = out[:, input_ids.shape[1] :] if input_ids is not None else out
+        else:
+            model(**inputs)
     return run.diagnostics
 
 
-def _uap_figure(diagnostics: ReallocationDiagnostics) -> Figure:
-    layers = sorted(diagnostics.layers)
+class EmotionWordStep(NamedTuple):
+    """Where a generated answer first expresses an emotion: the step whose token completes the word, and the word
+    (its vocabulary form)."""
+
+    step: int
+    word: str
+
+
+def emotion_word_steps(
+    tokenizer: Any, generated: Tensor, vocabulary: Collection[str] | None = None
+) -> list[EmotionWordStep | None]:
+    """Per sample of ``generated`` (``[batch, new]``: the tokens of steps 0, 1, ...), the step of y_k of Eq. 1, the
+    first response token that expresses the emotion: the token that completes the first emotion word of the decoded
+    answer (:func:`~peft_mose.metrics.emotion_mentions`: vocabulary words and their inflections, not negated, any
+    sentence); ``None`` for an answer without one. The word is located by decoding ever longer prefixes."""
+    from ..metrics import emotion_mentions
+
+    found: list[EmotionWordStep | None] = []
+    for tokens in generated.tolist():
+        mentions = emotion_mentions(tokenizer.decode(tokens, skip_special_tokens=True), vocabulary)
+        if not mentions:
+            found.append(None)
+            continue
+        decoded = (len(tokenizer.decode(tokens[: k + 1], skip_special_tokens=True)) for k in range(len(tokens)))
+        step = next(k for k, length in enumerate(decoded) if length >= mentions[0].end)
+        found.append(EmotionWordStep(step, mentions[0].word))
+    return found
+
+
+def _uap_figure(stats: StepDiagnostics, settings: dict[str, Any], what: str) -> Figure:
+    layers = sorted(stats.layers)
     x = np.arange(len(layers), dtype=float)
-    mean = {name: diagnostics.stacked(name).nanmean(1).numpy() for name in
+    mean = {name: stats.stacked(name).nanmean(1).numpy() for name in
             ("uap_visual", "uap_audio", "uap_visual_after", "uap_audio_after", "layer_ratio", "heads_changed")}
     changed = mean["heads_changed"] > 0
     fig = Figure(figsize=(max(6.0, 0.45 * len(layers) + 2), 6.5))
@@ -82,11 +126,12 @@ def _uap_figure(diagnostics: ReallocationDiagnostics) -> Figure:
             top.bar(x[changed] + offset * width / 2, mean[name][changed], width, fill=False, hatch="//",
                     edgecolor="black", label=label)
     top.set_ylabel("unimodal attention proportion")
-    top.set_title(f"First response token, mean over {diagnostics.stacked('uap_visual').shape[1]} sample(s)")
+    samples = int(stats.valid.any(1).sum())
+    top.set_title(f"{what[0].upper()}{what[1:]}, mean over {samples} sample(s)")
     top.legend(fontsize="small")
     bottom.plot(x, mean["layer_ratio"], "o-", color="black", label="c (Eq. 6)")
-    tau = diagnostics.settings.get("tau", math.inf)
-    if diagnostics.settings.get("strategy") == "ar" and math.isfinite(tau):
+    tau = settings.get("tau", math.inf)
+    if settings.get("strategy") == "ar" and math.isfinite(tau):
         bottom.axhline(tau, color="red", linestyle="--", label=f"τ = {tau:g}")
     bottom.set_ylabel("audio / visual ratio c")
     heads = bottom.twinx()
@@ -102,29 +147,37 @@ def _uap_figure(diagnostics: ReallocationDiagnostics) -> Figure:
     return fig
 
 
-def _token_figure(diagnostics: ReallocationDiagnostics, sample: int, layers: Sequence[int]) -> Figure:
-    valid = diagnostics.valid[sample]
-    modality = diagnostics.modality_ids[sample][valid]
+def _token_figure(
+    stats: StepDiagnostics, settings: dict[str, Any], sample: int, layers: Sequence[int], what: str
+) -> Figure:
+    valid = stats.valid[sample]
+    modality = stats.modality_ids[sample][valid]
     position = torch.arange(valid.numel())[valid]
     panels = [("before", "token_weights")]
-    if any(bool(diagnostics.layers[i].heads_changed[sample] > 0) for i in layers):
-        panels.append((f"after {diagnostics.settings.get('strategy', '').upper()}", "token_weights_after"))
+    if any(bool(stats.layers[i].heads_changed[sample] > 0) for i in layers):
+        panels.append((f"after {settings.get('strategy', '').upper()}", "token_weights_after"))
     fig = Figure(figsize=(10, 2.6 * len(panels) + 0.6))
     axes = fig.subplots(len(panels), 1, sharex=True, sharey=True, squeeze=False)[:, 0]
     colors = [COLORS[Modality(int(m))] for m in modality]
     contiguous = list(layers) == list(range(layers[0], layers[-1] + 1))
     span = f"{layers[0]}-{layers[-1]}" if contiguous else ", ".join(map(str, layers))
     for ax, (title, name) in zip(axes, panels):
-        weights = torch.stack([getattr(diagnostics.layers[i], name)[sample] for i in layers]).mean(0)[valid]
+        weights = torch.stack([getattr(stats.layers[i], name)[sample] for i in layers]).mean(0)[valid]
         ax.bar(position.tolist(), weights.clamp_min(1e-12).tolist(), width=1.0, color=colors)
         ax.set_yscale("log")
         ax.set_ylabel("attention weight")
-        ax.set_title(f"Sample {sample}, {title}, mean over layers {span} and heads", fontsize="medium")
+        ax.set_title(f"Sample {sample}, {what}, {title}, mean over layers {span} and heads", fontsize="medium")
     handles = [Patch(color=c, label=m.name.lower()) for m, c in COLORS.items() if bool((modality == m).any())]
     axes[0].legend(handles=handles, fontsize="small")
     axes[-1].set_xlabel("token position")
     fig.tight_layout()
     return fig
+
+
+def _step_name(step: int | None) -> str:
+    if step is None:
+        return "no step"
+    return "first response token" if step == 0 else f"generated step {step}"
 
 
 def plot_diagnostics(
@@ -133,28 +186,36 @@ def plot_diagnostics(
     *,
     samples: Sequence[int] | None = None,
     token_layers: Sequence[int] | None = None,
+    step: int | Sequence[int | None] = 0,
 ) -> list[Path]:
     """Write ``uap_per_layer.png`` (Fig. 3(a): per-layer UAP bars, c and heads changed) and, for each sample,
     ``token_weights_sample<b>.png`` (Fig. 3(b): per-token weights averaged over ``token_layers``, default the middle
-    half of the recorded layers). Returns the paths."""
-    if not diagnostics.layers:
+    half of the recorded layers), at ``step`` (one for all samples, or one per sample such as each sample's first
+    emotion word, :func:`emotion_word_steps`; default samples: those with a step). Returns the paths."""
+    if not diagnostics.steps:
         raise ValueError("No layer was recorded: run a forward or generate inside the block with record=True.")
-    recorded = sorted(diagnostics.layers)
+    if isinstance(step, int):
+        stats, names, what = diagnostics.step(step), None, _step_name(step)
+    else:
+        stats, names, what = diagnostics.select_steps(step), [_step_name(s) for s in step], "one step per sample"
+    recorded = sorted(stats.layers)
     layers = sorted(token_layers) if token_layers is not None else [recorded[i] for i in middle_layers(len(recorded))]
     missing = sorted(set(layers) - set(recorded))
     if missing:
         raise ValueError(f"`token_layers` {missing} were not recorded; recorded layers: {recorded}.")
-    batch = diagnostics.modality_ids.shape[0]
-    samples = list(range(batch)) if samples is None else list(samples)
+    batch = stats.modality_ids.shape[0]
+    samples = [b for b in range(batch) if bool(stats.valid[b].any())] if samples is None else list(samples)
     if any(not 0 <= b < batch for b in samples):
         raise ValueError(f"`samples` must be in 0-{batch - 1}, got {samples}.")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "uap_per_layer.png"]
-    _uap_figure(diagnostics).savefig(paths[0], dpi=120)
+    _uap_figure(stats, diagnostics.settings, what).savefig(paths[0], dpi=120)
     for b in samples:
         paths.append(out / f"token_weights_sample{b}.png")
-        _token_figure(diagnostics, b, layers).savefig(paths[-1], dpi=120)
+        _token_figure(stats, diagnostics.settings, b, layers, what if names is None else names[b]).savefig(
+            paths[-1], dpi=120
+        )
     return paths
 
 
@@ -185,6 +246,18 @@ def _parse_layers(text: str | None) -> list[int] | None:
     return [int(part) for part in text.split(",")]
 
 
+def _parse_step(text: str) -> int | str:
+    if text == "emotion":
+        return text
+    try:
+        step = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a step number >= 0 or 'emotion', got {text!r}") from None
+    if step < 0:
+        raise argparse.ArgumentTypeError(f"expected a step number >= 0 or 'emotion', got {text!r}")
+    return step
+
+
 def main(argv: Sequence[str] | None = None) -> list[Path]:
     """Command-line entry point; returns the written paths."""
     parser = argparse.ArgumentParser(prog="python -m peft_mose.attention.plot", description=__doc__.split("\n\n")[0])
@@ -198,8 +271,26 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     parser.add_argument("--pai-mode", default="logits", choices=["logits", "weights"])
     parser.add_argument("--layers", help="layers to intervene on: 'start:stop' or 'i,j,k' (default all)")
     parser.add_argument("--token-layers", help="layers averaged in the per-token plot (default the middle half)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
+    parser.add_argument(
+        "--step", default="0", type=_parse_step,
+        help="step to plot: N (0: the row producing the first response token, k: the one producing generated token "
+        "k) or 'emotion' (per sample, the token completing its first emotion word, y_k of Eq. 1)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-new-tokens", type=int,
+        help=f"tokens generated greedily while recording (default: none, one forward, for --step 0; else "
+        f"{DEFAULT_NEW_TOKENS})",
+    )  # fmt: skip
+    parser.add_argument("--tokenizer", help="tokenizer folder decoding the answer for --step emotion (default: MODEL)")
     args = parser.parse_args(argv)
+    new_tokens = args.max_new_tokens
+    if new_tokens is None:
+        new_tokens = 0 if args.step == 0 else DEFAULT_NEW_TOKENS
+    if args.step != "emotion" and args.step >= max(new_tokens, 1):
+        parser.error(f"--step {args.step} needs --max-new-tokens above it (steps 0 to {max(new_tokens, 1) - 1} exist)")
+    if args.step == "emotion" and new_tokens < 1:
+        parser.error("--step emotion needs generated tokens: --max-new-tokens >= 1")
 
     batch = load_batch(args.batch)
     from transformers import AutoModelForCausalLM
@@ -212,13 +303,22 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     if "inputs_embeds" in batch:
         batch["inputs_embeds"] = batch["inputs_embeds"].to(getattr(torch, args.dtype))
     diagnostics = collect_diagnostics(
-        model, batch.pop("modality_ids"), **batch, strategy=args.strategy, tau=args.tau, alpha=args.alpha,
-        pai_mode=args.pai_mode, layers=_parse_layers(args.layers),
+        model, batch.pop("modality_ids"), **batch, max_new_tokens=new_tokens, strategy=args.strategy, tau=args.tau,
+        alpha=args.alpha, pai_mode=args.pai_mode, layers=_parse_layers(args.layers),
     )
+    step, chosen = args.step, {}
+    if step == "emotion":
+        from transformers import AutoTokenizer
+
+        found = emotion_word_steps(AutoTokenizer.from_pretrained(args.tokenizer or args.model), diagnostics.generated)
+        if all(f is None for f in found):
+            raise ValueError(f"No sample's {new_tokens} generated tokens hold an emotion word; give --step N instead.")
+        step = [None if f is None else f.step for f in found]
+        chosen = {"plotted_steps": step, "emotion_words": [None if f is None else f.word for f in found]}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    paths = [diagnostics.save_json(out / "diagnostics.json")]
-    paths += plot_diagnostics(diagnostics, out, token_layers=_parse_layers(args.token_layers))
+    paths = [diagnostics.save_json(out / "diagnostics.json", **chosen)]
+    paths += plot_diagnostics(diagnostics, out, token_layers=_parse_layers(args.token_layers), step=step)
     for path in paths:
         print(path)
     return paths

@@ -11,8 +11,16 @@ from .camer import (
     scores_by_subset,
     vote_subset,
 )
-from .extraction import LABEL_PARSERS, extract_emotion_words, make_label_parser, vocabulary_of
+from .extraction import (
+    LABEL_PARSERS,
+    Mention,
+    emotion_mentions,
+    extract_emotion_words,
+    make_label_parser,
+    vocabulary_of,
+)
 from .grouping import DEFAULT_GROUPING, CachedGrouping, Grouping, SynonymTable, load_grouping, normalize_word
+from .lemmas import lemma_candidates, lemmatize
 from .open_vocab import sample_set_scores, set_level_scores
 from .recognition import LABEL_SETS, recognition_scores, resolve_labels
 
@@ -23,13 +31,17 @@ __all__ = [
     "Grouping",
     "LABEL_PARSERS",
     "LABEL_SETS",
+    "Mention",
     "SUBSETS",
     "SubsetAssignment",
     "SubsetVote",
     "SynonymTable",
     "assign_subsets",
     "audio_video_gap",
+    "emotion_mentions",
     "extract_emotion_words",
+    "lemma_candidates",
+    "lemmatize",
     "load_grouping",
     "make_label_parser",
     "normalize_subset",

@@ -3,6 +3,7 @@
 :func:`extract_emotion_words` turns free-text reasoning into the word set of Eq. 22; :func:`make_label_parser` turns a
 generated answer into one class label (the Emotion-LLaMA protocol or a more robust parser). Both are deterministic.
 
+Inflected forms count as their vocabulary word (``happier`` -> ``happy``, ``saddened`` -> ``sad``: :mod:`.lemmas`).
 Negation is handled minimally: a word is dropped when ``not``, ``no``, ``never``, ``without``, ``lack``, a ``n't``
 contraction, ``rather than`` or ``instead of`` (and a few more, see ``_NEGATORS``) occurs among the three words before
 it in the same clause (clauses end at ``, ; : . ! ?`` and line breaks). Not handled: negation further away, scope
@@ -13,15 +14,16 @@ expressions (only single-word vocabulary entries are matched).
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Collection, Sequence
-from typing import Literal
+from collections.abc import Callable, Collection, Iterator, Sequence
+from typing import Literal, NamedTuple
 
 from .grouping import DEFAULT_GROUPING, Grouping, SynonymTable, normalize_word
+from .lemmas import lemmatize
 from .recognition import resolve_labels
 
 _SENTENCE_END = re.compile(r"[.!?\n]+")
 _CLAUSE_END = re.compile(r"[,;:]+")
-_TOKEN = re.compile(r"[a-z]+(?:'[a-z]+)*")
+_TOKEN = re.compile(r"[a-z]+(?:'[a-z]+)*", re.IGNORECASE)
 _NEGATORS = frozenset(
     {"not", "no", "never", "without", "nor", "neither", "none", "nothing", "lack", "lacks", "lacking", "absence",
      "absent", "hardly", "cannot"}
@@ -39,16 +41,47 @@ def _is_negated(tokens: list[str], i: int) -> bool:
     return any((tokens[j - 1], tokens[j]) in _NEGATING_PAIRS for j in range(max(1, start), i))
 
 
+class Mention(NamedTuple):
+    """An emotion word asserted by a text: its vocabulary form, its sentence (0-based) and where it ends in the
+    text (the offset just after its last character)."""
+
+    word: str
+    sentence: int
+    end: int
+
+
+def _pieces(pattern: re.Pattern[str], text: str, start: int, end: int) -> Iterator[tuple[int, int]]:
+    """The ``(start, end)`` offsets of the pieces of ``text[start:end]`` between the matches of ``pattern``."""
+    position = start
+    for match in pattern.finditer(text, start, end):
+        yield position, match.start()
+        position = match.end()
+    yield position, end
+
+
+def emotion_mentions(text: str, vocabulary: Collection[str] | None = None) -> list[Mention]:
+    """Every non-negated emotion word of ``text`` (``vocabulary``: lower-case words, default the default grouping's)
+    in reading order, inflected forms as their vocabulary word."""
+    vocab = DEFAULT_GROUPING.vocabulary if vocabulary is None else vocabulary
+    text = text.replace("\u2019", "'")  # same length: the offsets stay those of the caller's text
+    mentions = []
+    for sentence, (start, end) in enumerate(_pieces(_SENTENCE_END, text, 0, len(text))):
+        for clause_start, clause_end in _pieces(_CLAUSE_END, text, start, end):
+            tokens = list(_TOKEN.finditer(text, clause_start, clause_end))
+            words = [token.group().lower() for token in tokens]
+            for i, token in enumerate(tokens):
+                word = lemmatize(words[i], vocab)
+                if word is not None and not _is_negated(words, i):
+                    mentions.append(Mention(word, sentence, token.end()))
+    return mentions
+
+
 def _sentence_mentions(text: str, vocabulary: Collection[str]) -> list[list[str]]:
-    """Per sentence, the vocabulary words that are not negated, in reading order."""
-    sentences = []
-    for sentence in _SENTENCE_END.split(text.lower().replace("\u2019", "'")):
-        words = []
-        for clause in _CLAUSE_END.split(sentence):
-            tokens = _TOKEN.findall(clause)
-            words += [t for i, t in enumerate(tokens) if t in vocabulary and not _is_negated(tokens, i)]
-        sentences.append(words)
-    return sentences
+    """Per sentence that mentions any, the emotion words of :func:`emotion_mentions`, in reading order."""
+    sentences: dict[int, list[str]] = {}
+    for mention in emotion_mentions(text, vocabulary):
+        sentences.setdefault(mention.sentence, []).append(mention.word)
+    return list(sentences.values())
 
 
 def vocabulary_of(grouping: Grouping) -> frozenset[str]:
@@ -67,7 +100,7 @@ def extract_emotion_words(
     if scope not in ("conclusion", "all"):
         raise ValueError(f"Unknown extraction scope {scope!r}; expected 'conclusion' or 'all'.")
     vocab = DEFAULT_GROUPING.vocabulary if vocabulary is None else frozenset(map(normalize_word, vocabulary))
-    sentences = [words for words in _sentence_mentions(text, vocab) if words]
+    sentences = _sentence_mentions(text, vocab)
     if not sentences:
         return []
     chosen = sentences[-1:] if scope == "conclusion" else sentences

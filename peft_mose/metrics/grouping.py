@@ -16,6 +16,8 @@ import string
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
+from .lemmas import lemmatize
+
 Grouping = Callable[[str], str]
 
 # Group name -> members. The group name is the MERR label word for the nine MERR classes and DFEW's "disgust", so
@@ -105,7 +107,8 @@ def normalize_word(word: str) -> str:
 
 
 class SynonymTable:
-    """A grouping given as a table: listed words map to their group name, every other word is its own group."""
+    """A grouping given as a table: listed words map to their group name, unlisted inflections of listed words
+    (``happier``, ``saddened``) to the group of their base form, every other word is its own group."""
 
     def __init__(self, word_to_group: Mapping[str, str]) -> None:
         table: dict[str, str] = {}
@@ -144,9 +147,11 @@ class SynonymTable:
         return cls(table)
 
     def __call__(self, word: str) -> str:
-        """G(word): the word's group name, or the normalised word itself when the table does not list it."""
+        """G(word): the group name of the word or of its base form (:func:`~.lemmas.lemmatize`), or the normalised
+        word itself when the table lists neither."""
         key = normalize_word(word)
-        return self._table.get(key, key)
+        lemma = lemmatize(key, self._table)
+        return key if lemma is None else self._table[lemma]
 
     @property
     def vocabulary(self) -> frozenset[str]:

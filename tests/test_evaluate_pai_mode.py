@@ -1,0 +1,54 @@
+"""recipes/evaluate.py --pai_mode: both PAI variants of Table 7 from the command line, down to the attention block."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from recipes import evaluate
+from recipes.emotion_llama import model as emotion_llama_model
+from recipes.evaluate import ScoringConfig
+from recipes.evaluate_model import ModelEvalConfig, reallocation_options
+from test_evaluate_model import _base_args, checkpoint, weights  # noqa: F401 (module fixtures)
+
+
+def test_reallocation_options_carry_the_pai_mode():
+    config = ModelEvalConfig(out_dir=Path("out"), scoring=ScoringConfig(task="recognition"), pai_mode="weights")
+    assert reallocation_options("pai", config)["pai_mode"] == "weights"
+    assert reallocation_options("none", config) is None
+    assert ModelEvalConfig(out_dir=Path("out"), scoring=ScoringConfig()).pai_mode == "logits"
+
+
+@pytest.mark.parametrize("mode", ["weights", None])
+def test_pai_mode_reaches_the_attention_block_and_the_scores(
+    tiny, checkpoint, tmp_path, monkeypatch, mode  # noqa: F811
+):
+    calls = []
+    block = emotion_llama_model.attention_reallocation
+
+    def recording_block(*args, **options):
+        calls.append(options)
+        return block(*args, **options)
+
+    monkeypatch.setattr(emotion_llama_model, "attention_reallocation", recording_block)
+    out = tmp_path / "out"
+    extra = ["--pai_mode", mode] if mode else []
+    argv = _base_args(tiny, out, "--projector_checkpoint", str(checkpoint), "--task", "recognition",
+                      "--strategies", "none,pai", "--alpha", "2", "--max_new_tokens", "2", *extra)  # fmt: skip
+    assert evaluate.main(argv) == 0
+    expected = mode or "logits"
+    assert calls and all(c["strategy"] == "pai" and c["pai_mode"] == expected and c["alpha"] == 2 for c in calls)
+    summary = json.loads((out / "scores.json").read_text())
+    assert summary[1]["settings"]["generation"]["pai_mode"] == expected
+    assert "pai_mode" not in summary[0]["settings"]["generation"]
+
+
+def test_an_unknown_pai_mode_is_refused_before_anything_runs(tiny, checkpoint, tmp_path, capsys):  # noqa: F811
+    argv = _base_args(tiny, tmp_path / "out", "--projector_checkpoint", str(checkpoint), "--pai_mode", "heads")
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(argv)
+    assert exit_info.value.code == 2
+    assert "--pai_mode must be one of ['logits', 'weights'], got 'heads'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
