@@ -168,7 +168,7 @@ class ContextScope:
         under attention reallocation, which cannot take the ids itself) is one call with ``modality_ids`` as its
         prompt. ``generate`` is wrapped by an instance attribute for the block; both are removed on exit."""
         _new_context(modality_ids, prompt=True, generate=False)  # checks the ids once, up front
-        opened: list[tuple[Any, ModalityContext]] = []
+        opened: list[ModalityContext] = []
 
         def pre_forward(module: nn.Module, args: tuple, kwargs: dict) -> None:
             if self.open_context() is not None:
@@ -176,13 +176,14 @@ class ContextScope:
                 return
             context = _new_context(modality_ids, prompt=True, generate=False)
             self._enter_forward(context, args, kwargs)
-            opened.append((_OPEN.set(_OPEN.get() + ((self, context),)), context))
+            _OPEN.set(_OPEN.get() + ((self, context),))
+            opened.append(context)
 
         def post_forward(module: nn.Module, args: tuple, output: Any) -> None:
             self._post_forward(module, args, output)
             context = self.open_context()
-            if opened and opened[-1][1] is context:
-                _OPEN.reset(opened.pop()[0])
+            if opened and opened[-1] is context:
+                _remove(opened.pop())
                 self._close(context)
 
         generate = model.generate
@@ -206,7 +207,7 @@ class ContextScope:
             else:
                 del model.generate
             while opened:
-                _OPEN.reset(opened.pop()[0])
+                _remove(opened.pop())
 
     @contextlib.contextmanager
     def layer_call(self, modality_ids: Tensor) -> Iterator[ModalityContext]:
@@ -293,6 +294,11 @@ class ContextScope:
             prefill=past == 0,
             uniform=uniform,
         )
+
+
+def _remove(context: ModalityContext) -> None:
+    """Take ``context`` off the open ones (by identity: hooks of nested blocks close in any order)."""
+    _OPEN.set(tuple(entry for entry in _OPEN.get() if entry[1] is not context))
 
 
 def check_prompt(modality_ids: Tensor, args: tuple, kwargs: dict) -> None:

@@ -32,6 +32,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
+from peft_mose._versions import environment
 from peft_mose.metrics import (
     DEFAULT_GROUPING,
     LABEL_PARSERS,
@@ -50,6 +51,12 @@ from peft_mose.metrics import (
     vocabulary_of,
 )
 
+REPO_ROOT = str(Path(__file__).resolve().parents[1])
+if REPO_ROOT not in sys.path:  # run as a script: `recipes` is a folder of scripts, not an installed package
+    sys.path.insert(0, REPO_ROOT)
+
+from recipes.textfiles import parse_json, read_text  # noqa: E402
+
 TASKS = ("reasoning", "recognition")
 METRICS = {"reasoning": ("accuracy", "recall", "average"), "recognition": ("accuracy", "weighted_f1", "uar", "war")}
 _HEADERS = {"accuracy": "Acc.", "recall": "Rec.", "average": "Avg.", "weighted_f1": "W-F1", "uar": "UAR", "war": "WAR"}
@@ -60,6 +67,7 @@ _TITLES = {
     "overall": "Overall",
 }
 _SHOWN_IDS = 5
+FALLBACK_LABEL = "neutral"  # Emotion-LLaMA's label for an answer that names none
 
 Prediction = str | list[str]
 
@@ -100,23 +108,19 @@ class ScoringConfig:
 
 
 def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
-    """``(line number, object)`` for every non-blank line; a clear ``ValueError`` for a missing or empty file,
-    invalid JSON or a line that is not a JSON object."""
+    """``(line number, object)`` for every non-blank line; a clear ``ValueError`` for a missing or empty file, bytes
+    that are not UTF-8, invalid JSON, a key given twice or a line that is not a JSON object."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path} does not exist or is not a file.")
     records = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number}: invalid JSON ({error.msg}).") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}.")
-            records.append((number, record))
+    for number, line in enumerate(read_text(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        record = parse_json(line, f"{path}:{number}")
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}.")
+        records.append((number, record))
     if not records:
         raise ValueError(f"{path} is empty: it holds no records.")
     return records
@@ -222,7 +226,8 @@ def score(
     predictions: Mapping[str, Prediction], references: Sequence[Reference], config: ScoringConfig
 ) -> tuple[dict[str, object], list[dict[str, object]]]:
     """Score predictions against references: ``(result, per-sample rows)``; scores per CA-MER subset when the
-    references have subsets, plus ``overall`` and the audio-minus-video ``gap``."""
+    references have subsets, plus ``overall`` and the audio-minus-video ``gap``; for recognition, ``fallback`` counts
+    the answers that named no label and were scored as :data:`FALLBACK_LABEL`."""
     if config.task not in TASKS:
         raise ValueError(f"Unknown task {config.task!r}; expected one of {TASKS}.")
     check_ids(predictions, references)
@@ -252,7 +257,10 @@ def score(
             return set_level_scores([pred_words[i] for i in indices], [ref_words[i] for i in indices], config.grouping)
 
     else:
-        parse = make_label_parser(config.parser, config.labels, grouping=config.grouping)
+        parse = make_label_parser(config.parser, config.labels, fallback=FALLBACK_LABEL, grouping=config.grouping)
+        # An answer that names no label gets the fallback; a parser with another fallback tells those answers apart.
+        other = next((label for label in config.labels if label != FALLBACK_LABEL), FALLBACK_LABEL)
+        probe = make_label_parser(config.parser, config.labels, fallback=other, grouping=config.grouping)
         parsed, rows = [], []
         for ref in tqdm(references, desc="parsing labels", disable=None):
             if ref.label is None:
@@ -261,7 +269,10 @@ def score(
             if not isinstance(text, str):
                 raise ValueError(f"Prediction for id {ref.id!r} must be generated text for the recognition task.")
             parsed.append(parse(text))
-            rows.append({"id": ref.id, "subset": ref.subset, "predicted_label": parsed[-1], "label": ref.label})
+            rows.append(
+                {"id": ref.id, "subset": ref.subset, "predicted_label": parsed[-1], "label": ref.label,
+                 "fallback": parsed[-1] != probe(text)}
+            )  # fmt: skip
 
         def score_indices(indices: list[int]) -> dict[str, object]:
             labels = [references[i].label for i in indices]
@@ -275,6 +286,8 @@ def score(
         "gap": audio_video_gap(scores, METRICS[config.task]),
         "settings": config.describe(),
     }
+    if config.task == "recognition":
+        result["fallback"] = {"label": FALLBACK_LABEL, "count": sum(row["fallback"] for row in rows)}
     return result, rows
 
 
@@ -340,12 +353,14 @@ def plot_scores(rows: Sequence[tuple[str, Mapping[str, object]]], path: str | Pa
 def write_report(
     result: Mapping[str, object], rows: Sequence[Mapping[str, object]], out_dir: str | Path, name: str
 ) -> dict[str, Path]:
-    """Write ``scores.json``, ``scores.md``, ``per_sample.jsonl`` and ``scores.png`` into ``out_dir``."""
+    """Write ``scores.json`` (with the :func:`~peft_mose._versions.environment` it was produced in), ``scores.md``,
+    ``per_sample.jsonl`` and ``scores.png`` into ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     names = {"json": "scores.json", "markdown": "scores.md", "per_sample": "per_sample.jsonl", "plot": "scores.png"}
     paths = {kind: out / file_name for kind, file_name in names.items()}
-    paths["json"].write_text(json.dumps({"name": name, **result}, indent=2) + "\n", encoding="utf-8")
+    record = {"name": name, **result, "environment": environment()}
+    paths["json"].write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     paths["markdown"].write_text(markdown_table([(name, result)]), encoding="utf-8")
     write_jsonl(paths["per_sample"], rows)
     plot_scores([(name, result)], paths["plot"])
@@ -353,14 +368,16 @@ def write_report(
 
 
 def warn_skipped(rows: Sequence[Mapping[str, object]], task: str) -> None:
-    """Print a warning naming the reasoning samples skipped for want of an emotion word in their reference."""
-    skipped = [row["id"] for row in rows if task == "reasoning" and row["accuracy"] is None]
+    """Print a warning naming the reasoning samples skipped for want of an emotion word in their reference, or the
+    recognition answers that named no label and were scored as :data:`FALLBACK_LABEL`."""
+    if task == "reasoning":
+        skipped = [row["id"] for row in rows if row["accuracy"] is None]
+        message = "samples have no emotion word in their reference and are skipped (MER-OV convention)"
+    else:
+        skipped = [row["id"] for row in rows if row["fallback"]]
+        message = f"of {len(rows)} answers name no label and are scored as {FALLBACK_LABEL!r}"
     if skipped:
-        print(
-            f"warning: {len(skipped)} samples have no emotion word in their reference and are skipped "
-            f"(MER-OV convention): {_id_list(skipped)}",
-            file=sys.stderr,
-        )
+        print(f"warning: {len(skipped)} {message}: {_id_list(skipped)}", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -381,6 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--strategies", default="none,ar", help="comma-separated: none, ar, pai (one table row each)")
     model.add_argument("--tau", type=float, default=1.0, help="AR threshold")
     model.add_argument("--alpha", type=float, default=0.5, help="PAI amplification")
+    model.add_argument("--pai_mode", default="logits", help="PAI on the visual logits or weights: logits, weights")
     model.add_argument("--layers", help="comma-separated layer indices for AR/PAI (default: all)")
     model.add_argument("--batch_size", type=int, default=8)
     model.add_argument("--max_new_tokens", type=int, help="tokens per answer (default: recognition 8, reasoning 500)")
@@ -438,9 +456,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run_model(args: argparse.Namespace, scoring: ScoringConfig) -> int:
-    repo_root = str(Path(__file__).resolve().parents[1])
-    if repo_root not in sys.path:  # run as a script: `recipes` is a folder of scripts, not an installed package
-        sys.path.insert(0, repo_root)
     from recipes.evaluate_model import ModelEvalConfig, evaluate_model
 
     config = ModelEvalConfig(
@@ -457,6 +472,7 @@ def _run_model(args: argparse.Namespace, scoring: ScoringConfig) -> int:
         strategies=[s.strip() for s in args.strategies.split(",") if s.strip()],
         tau=args.tau,
         alpha=args.alpha,
+        pai_mode=args.pai_mode,
         layers=[int(v) for v in args.layers.split(",")] if args.layers else None,
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from peft_mose.attention.backend import PAI_MODES
 from recipes.emotion_llama.baseline import load_baseline
 from recipes.emotion_llama.features import FeatureSpec
 from recipes.emotion_llama.model import EmotionLlama
@@ -64,6 +65,7 @@ class ModelEvalConfig:
     strategies: Sequence[str] = ("none", "ar")
     tau: float = 1.0
     alpha: float = 0.5
+    pai_mode: str = "logits"
     layers: Sequence[int] | None = None
     batch_size: int = 8
     max_new_tokens: int | None = None
@@ -124,6 +126,8 @@ def check_config(config: ModelEvalConfig) -> None:
     unknown = [s for s in config.strategies if s not in STRATEGIES]
     if unknown or not config.strategies:
         raise ValueError(f"Unknown strategies {unknown or list(config.strategies)!r}; choose from {list(STRATEGIES)}.")
+    if config.pai_mode not in PAI_MODES:
+        raise ValueError(f"--pai_mode must be one of {list(PAI_MODES)}, got {config.pai_mode!r}.")
     if config.reasoning_task not in REASONING_TASKS:
         raise ValueError(f"--reasoning_task must be one of {list(REASONING_TASKS)}, got {config.reasoning_task!r}.")
     if config.batch_size < 1 or (config.max_new_tokens is not None and config.max_new_tokens < 1):
@@ -188,7 +192,10 @@ def reallocation_options(strategy: str, config: ModelEvalConfig) -> dict | None:
     model passes its modality ids along, MoSE or not)."""
     if strategy == "none":
         return None
-    return {"tau": config.tau, "strategy": strategy, "alpha": config.alpha, "layers": config.layers}
+    return {
+        "tau": config.tau, "strategy": strategy, "alpha": config.alpha, "pai_mode": config.pai_mode,
+        "layers": config.layers,
+    }  # fmt: skip
 
 
 def evaluate_model(config: ModelEvalConfig) -> list[tuple[str, Mapping[str, object]]]:
@@ -244,7 +251,7 @@ def _strategy_settings(strategy: str, config: ModelEvalConfig) -> dict[str, obje
     if strategy == "ar":
         return {"strategy": strategy, "tau": config.tau, "layers": layers}
     if strategy == "pai":
-        return {"strategy": strategy, "alpha": config.alpha, "layers": layers}
+        return {"strategy": strategy, "alpha": config.alpha, "pai_mode": config.pai_mode, "layers": layers}
     return {"strategy": strategy}
 
 

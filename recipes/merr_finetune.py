@@ -3,7 +3,8 @@
     python recipes/merr_finetune.py                        # built-in tiny default: synthetic MERR, tiny random Llama
     deepspeed --num_accelerators 4 recipes/merr_finetune.py --deepspeed recipes/configs/zero2.json \\
         --model_name_or_path Llama-2-7b-chat-hf --data_root MERR \\
-        --projector_checkpoint minigptv2_checkpoint.pth --bf16 true --output_dir runs/mosear
+        --projector_checkpoint minigptv2_checkpoint.pth --merge_checkpoint_lora true --bf16 true \\
+        --output_dir runs/mosear
 
 Stage ``coarse`` trains on ``MERR_coarse_grained.txt`` (tasks emotion + reason, lr 2e-5), stage ``fine`` on
 ``MERR_fine_grained.txt`` (emotion + reason_v2, lr 1e-5); each stage: 30 epochs x 1000 iterations, a linear warm-up
@@ -32,7 +33,6 @@ from tqdm import tqdm
 from transformers import (
     HfArgumentParser,
     PreTrainedTokenizerBase,
-    Trainer,
     TrainerCallback,
     TrainerControl,
     TrainerState,
@@ -41,6 +41,7 @@ from transformers import (
 )
 
 from peft_mose import MoSEConfig
+from peft_mose._versions import environment
 from peft_mose.metrics import resolve_labels
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -48,12 +49,19 @@ if str(REPO_ROOT) not in sys.path:  # run as a script: `recipes` is a folder of 
     sys.path.insert(0, str(REPO_ROOT))
 
 from recipes.distributed import gathered, process_rank, share_cpu_deepspeed_state  # noqa: E402
-from recipes.emotion_llama.checkpoint import load_projector_checkpoint, load_projectors, save_projectors  # noqa: E402
+from recipes.emotion_llama.checkpoint import (  # noqa: E402
+    load_projector_checkpoint,
+    load_projectors,
+    merge_lora_checkpoint,
+    save_projectors,
+)
 from recipes.emotion_llama.features import FeatureSpec  # noqa: E402
 from recipes.emotion_llama.model import EmotionLlama, load_llm, load_tokenizer  # noqa: E402
 from recipes.emotion_llama.projectors import EmotionLlamaProjectors  # noqa: E402
 from recipes.emotion_llama.prompt import PromptEncoder  # noqa: E402
-from recipes.evaluate import ScoringConfig, markdown_table, score, write_report  # noqa: E402
+from recipes.evaluate import ScoringConfig, markdown_table, score, warn_skipped, write_report  # noqa: E402
+from recipes.guards import GuardedTrainer  # noqa: E402
+from recipes.integrity import check_adapter_dir, resolve_resume  # noqa: E402
 from recipes.make_tiny import write_tiny_setup  # noqa: E402
 from recipes.merr.collator import MERRCollator  # noqa: E402
 from recipes.merr.dataset import MERRDataset  # noqa: E402
@@ -108,6 +116,14 @@ class ModelArguments:
     projector_checkpoint: str | None = field(
         default=None,
         metadata={"help": "MiniGPT-v2 / Emotion-LLaMA .pth initialising the projectors (loaded with weights_only)."},
+    )
+    merge_checkpoint_lora: bool = field(
+        default=False,
+        metadata={
+            "help": "Merge the LLM's LoRA adapter held in --projector_checkpoint (MiniGPT-v2's, in "
+            "minigptv2_checkpoint.pth) into the LLM before adding MoSE: the paper's starting point. With --init_from "
+            "the checkpoint is read for this LoRA only."
+        },
     )
     init_from: str | None = field(
         default=None,
@@ -196,6 +212,15 @@ class FinetuneArguments(TrainingArguments):
     save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept per stage."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Must stay False (batches are dicts)."})
     label_names: list[str] | None = field(default_factory=lambda: ["labels"], metadata={"help": "Batch key of labels."})
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata={
+            "help": "Checkpoint folder to resume (<output_dir>/<stage>/checkpoint-N), verified against its manifest "
+            "first; with no path (or True): the newest intact checkpoint of the run.",
+            "nargs": "?",
+            "const": "True",
+        },
+    )
 
     def __post_init__(self) -> None:
         share_cpu_deepspeed_state(self)
@@ -250,8 +275,16 @@ def check_args(model_args: ModelArguments, data_args: DataArguments, args: Finet
             "Give --model_name_or_path and --data_root together, or neither (the built-in tiny default writes its "
             "own model and synthetic data)."
         )
-    if model_args.projector_checkpoint and model_args.init_from:
-        raise ValueError("Give --projector_checkpoint or --init_from, not both (--init_from holds projectors too).")
+    if model_args.projector_checkpoint and model_args.init_from and not model_args.merge_checkpoint_lora:
+        raise ValueError(
+            "Give --projector_checkpoint or --init_from, not both (--init_from holds projectors too; with "
+            "--merge_checkpoint_lora the checkpoint is read for its LoRA only)."
+        )
+    if model_args.merge_checkpoint_lora and not model_args.projector_checkpoint:
+        raise ValueError(
+            "--merge_checkpoint_lora merges the LoRA of --projector_checkpoint: give that checkpoint "
+            "(minigptv2_checkpoint.pth)."
+        )
     if args.iters_per_epoch < 1 or args.num_train_epochs <= 0:
         raise ValueError(
             f"--iters_per_epoch must be >= 1 and --num_train_epochs > 0, got {args.iters_per_epoch}, "
@@ -307,6 +340,7 @@ def load_trained_weights(model: EmotionLlama, directory: Path) -> None:
     missing = [p for p in (directory / ADAPTER_DIR, directory / PROJECTORS_FILE) if not p.exists()]
     if missing:
         raise FileNotFoundError(f"{directory} holds no trained model: {', '.join(map(str, missing))} missing.")
+    check_adapter_dir(directory / ADAPTER_DIR)
     model.llm.load_adapter(str(directory / ADAPTER_DIR), adapter_name="default", is_trainable=True)
     load_projectors(model.projectors, directory / PROJECTORS_FILE)
 
@@ -324,9 +358,10 @@ class SamplerEpochCallback(TrainerCallback):
         self.sampler.set_epoch(state.global_step // self.steps_per_epoch)
 
 
-class MoSETrainer(Trainer):
+class MoSETrainer(GuardedTrainer):
     """``Trainer`` with one-task batches, no weight decay on 1-D parameters, the warm-up + cosine schedule, and
-    checkpoints holding only what trains (``adapter/`` and ``projectors.safetensors``)."""
+    checkpoints holding only what trains (``adapter/`` and ``projectors.safetensors``); it stops on non-finite values
+    and gives every checkpoint a manifest (:class:`~recipes.guards.GuardedTrainer`)."""
 
     def __init__(self, *args, batch_sampler: SingleTaskBatchSampler, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -373,6 +408,23 @@ class MoSETrainer(Trainer):
         load_trained_weights(model if model is not None else self.model, Path(resume_from_checkpoint))
 
 
+def merged_lora(model: Mapping[str, Any]) -> str | None:
+    """The checkpoint whose LoRA is merged into the LLM (``--merge_checkpoint_lora``), from the model arguments as
+    ``run_config.json`` records them; ``None`` for the plain LLM."""
+    return model.get("projector_checkpoint") if model.get("merge_checkpoint_lora") else None
+
+
+def load_base_llm(model_path: str | Path, lora_checkpoint: str | Path | None) -> torch.nn.Module:
+    """The frozen LLM that MoSE is added to: ``model_path``, with the LoRA of ``lora_checkpoint`` merged in when
+    given (its load report is printed)."""
+    llm = load_llm(model_path)
+    if lora_checkpoint is None:
+        return llm
+    llm, report = merge_lora_checkpoint(llm, lora_checkpoint)
+    print(report.summary())
+    return llm
+
+
 def build_model(
     model_args: ModelArguments,
     model_path: str | Path,
@@ -380,9 +432,11 @@ def build_model(
     tokenizer: PreTrainedTokenizerBase,
     init_dir: Path | None = None,
 ) -> EmotionLlama:
-    """The frozen LLM with a MoSE adapter, plus trainable projectors; initialised from ``init_dir`` (adapter and
-    projectors) when given, else the projectors from ``--projector_checkpoint`` when given."""
-    llm = get_peft_model(load_llm(model_path), model_args.mose_config())
+    """The frozen LLM (with the checkpoint's LoRA merged in under ``--merge_checkpoint_lora``) with a MoSE adapter,
+    plus trainable projectors; initialised from ``init_dir`` (adapter and projectors) when given, else the projectors
+    from ``--projector_checkpoint`` when given."""
+    base = load_base_llm(model_path, merged_lora(dataclasses.asdict(model_args)))
+    llm = get_peft_model(base, model_args.mose_config())
     projectors = EmotionLlamaProjectors.from_spec(spec, llm.config.hidden_size)
     model = EmotionLlama(llm, projectors, tokenizer.pad_token_id)
     if init_dir is not None:
@@ -394,7 +448,7 @@ def build_model(
 
 def stage_dataset(stage: Stage, data_root: Path, skip_missing: bool) -> MERRDataset:
     """The stage's MERR dataset, every sample validated (captions are read for the tasks that need them)."""
-    captions = {key: data_root / name for key, name in CAPTION_FILES.items() if (data_root / name).exists()}
+    captions = {key: data_root / name for key, name in CAPTION_FILES.items()}  # read if a task needs it
     return MERRDataset(
         stage.annotation, data_root / SUBTITLE_FILE, tasks=stage.tasks, skip_missing=skip_missing, **captions
     )
@@ -494,6 +548,7 @@ def evaluate(
     result, rows = score(predictions, references, ScoringConfig("recognition", resolve_labels(data_args.eval_labels)))
     for row in rows:
         row["prediction"] = predictions[row["id"]]
+    warn_skipped(rows, "recognition")
     write_report(result, rows, out_dir, name="MoSE")
     print(markdown_table([("MoSE", result)]), end="")
     return result
@@ -560,6 +615,7 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     output_dir = Path(args.output_dir).resolve()
     model_path, data_root = prepare_inputs(model_args, data_args, args, output_dir)
     stages = parse_stages(data_args, args, data_root)
+    args.resume_from_checkpoint = resolve_resume(args.resume_from_checkpoint, output_dir, [s.name for s in stages])
     first = resume_stage(args.resume_from_checkpoint, output_dir, stages)
     datasets = {stage.name: stage_dataset(stage, data_root, data_args.skip_missing) for stage in stages[first:]}
     evaluation = eval_dataset(data_args, data_root)
@@ -577,6 +633,7 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
             "model": dataclasses.asdict(model_args),
             "data": dataclasses.asdict(data_args),
             "training": args.to_dict(),
+            "environment": environment(),
         }
         (output_dir / RUN_CONFIG).write_text(json.dumps(run_config, indent=2, default=str) + "\n")
     encoder = PromptEncoder(load_tokenizer(model_path), spec.n_patch_tokens, audio_repeat=data_args.audio_repeat)
@@ -610,7 +667,8 @@ def load_trained(
 ) -> TrainedModel:
     """Rebuild a trained model from a run's output: ``run_config.json`` (base model, feature spec, audio repeat) and
     the adapter and projectors of ``weights_dir`` (default ``output_dir``: the final model; a stage folder or a
-    checkpoint also work). ``model_name_or_path`` replaces the recorded base model folder."""
+    checkpoint also work), on the base model the run trained (its checkpoint's LoRA merged in if the run merged it).
+    ``model_name_or_path`` replaces the recorded base model folder."""
     output_dir = Path(output_dir)
     config_path = output_dir / RUN_CONFIG
     if not config_path.is_file():
@@ -620,7 +678,9 @@ def load_trained(
     model_path = model_name_or_path or run_config["model_name_or_path"]
     tokenizer = load_tokenizer(model_path)
     spec = FeatureSpec(**run_config["feature_spec"])
-    llm = PeftModel.from_pretrained(load_llm(model_path), str(weights / ADAPTER_DIR))
+    check_adapter_dir(weights / ADAPTER_DIR)
+    base = load_base_llm(model_path, merged_lora(run_config.get("model", {})))
+    llm = PeftModel.from_pretrained(base, str(weights / ADAPTER_DIR))
     projectors = EmotionLlamaProjectors.from_spec(spec, llm.config.hidden_size)
     load_projectors(projectors, weights / PROJECTORS_FILE)
     model = EmotionLlama(llm, projectors, tokenizer.pad_token_id).eval()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import shutil
 import socket
 import subprocess
@@ -239,10 +240,11 @@ def extensions_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.Temp
 
 
 def run_deepspeed(
-    launcher_args: list[str], script_args: list[str], extensions_dir: str, script: Path = SCRIPT
+    launcher_args: list[str], script_args: list[str], extensions_dir: str, script: Path = SCRIPT, check: bool = True
 ) -> subprocess.CompletedProcess:
-    """Run ``script`` under the ``deepspeed`` launcher on CPU with its own port; afterwards remove the shared-memory
-    all-reduce buffers the run left in ``/dev/shm`` (they carry the port in their name)."""
+    """Run ``script`` under the ``deepspeed`` launcher on CPU with its own port (``check``: it must succeed);
+    afterwards remove the shared-memory all-reduce buffers the run left in ``/dev/shm`` (they carry the port in their
+    name)."""
     port = _free_port()
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": extensions_dir}
     deepspeed = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
@@ -252,7 +254,7 @@ def run_deepspeed(
     finally:
         for buffer in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
             buffer.unlink(missing_ok=True)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    assert done.returncode == 0 or not check, done.stdout[-3000:] + done.stderr[-5000:]
     return done
 
 
@@ -274,6 +276,23 @@ def test_deepspeed_launcher_one_process(tmp_path, extensions_dir, config):
     assert (checkpoint / "adapter" / "adapter_model.safetensors").is_file()
     assert (checkpoint / f"global_step{STEPS_PER_STAGE}").is_dir() == bool(config)  # DeepSpeed's engine state
     _assert_reload_matches(tmp_path, atol=1e-5)  # the subprocess ran with one thread, this one may use more
+    if config:  # DeepSpeed unpickles its engine state (weights_only=False): the manifest refuses a planted file first
+        planted = checkpoint / f"global_step{STEPS_PER_STAGE}" / "mp_rank_00_model_states.pt"
+        planted.write_bytes(pickle.dumps(_Planted(tmp_path / "unpickled")))
+        resume = ["--output_dir", str(tmp_path), *SHORT, *with_config, "--resume_from_checkpoint", str(checkpoint)]
+        done = run_deepspeed([], resume, extensions_dir, check=False)
+        assert done.returncode != 0 and "Refusing to resume" in done.stderr and f"{planted} changed" in done.stderr
+        assert not (tmp_path / "unpickled").exists()
+
+
+class _Planted:
+    """Creates ``marker`` when unpickled: what a file planted in a checkpoint could run."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
 
 
 def _recorded_batches(out: Path, world: int) -> dict[tuple[str, int], list[tuple[str, list[str]]]]:
@@ -320,7 +339,9 @@ def test_deepspeed_zero3_two_ranks_shard_save_and_resume(tmp_path, extensions_di
     _assert_reload_matches(out, atol=1e-5)
 
     resumed = tmp_path / "resumed"
-    shutil.copytree(out, resumed, ignore=shutil.ignore_patterns("adapter", "*.safetensors", "batches_rank*", "eval"))
+    # the run's own outputs only: a checkpoint with a file left out would be refused on resume
+    outputs = shutil.ignore_patterns("adapter", "*.safetensors", "batches_rank*", "eval")
+    shutil.copytree(out, resumed, ignore=lambda folder, names: outputs(folder, names) if Path(folder) == out else set())
     checkpoint = resumed / "fine" / "checkpoint-6"  # step 6 of 8: epoch 1, after 2 of its 4 steps
     assert (checkpoint / "global_step6").is_dir()  # DeepSpeed's engine state, which the resumed run loads
     resume_args = [*script_args, "--output_dir", str(resumed), "--resume_from_checkpoint", str(checkpoint)]

@@ -18,7 +18,8 @@ original key                      ours                 shape (real model)
 Both also hold the LLM's LoRA adapter (r 64, alpha 16, dropout 0.05 on ``q_proj`` and ``v_proj``, saved by peft 0.2.0,
 so without an adapter name): ``llama_model.base_model.model.<module>.lora_{A,B}.weight`` is PEFT's
 ``base_model.model.<module>.lora_{A,B}.default.weight``. :func:`load_lora_checkpoint` loads it for the Emotion-LLaMA
-baseline; MoSE training replaces it.
+baseline; :func:`merge_lora_checkpoint` merges it into the LLM that MoSE training starts from
+(``--merge_checkpoint_lora``).
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from peft_mose.checksum import verify_file, with_checksum
 
 ORIGINAL_TO_OURS = {
     "llama_proj": "eva_patch",
@@ -237,15 +240,31 @@ def load_lora_checkpoint(
     return model.eval(), report
 
 
+def merge_lora_checkpoint(
+    llm: nn.Module, path: str | Path, config: LoraConfig | None = None
+) -> tuple[nn.Module, LoraLoadReport]:
+    """``llm`` with the LoRA of an original checkpoint merged into its weights (W + B A alpha / r, PEFT's
+    ``merge_and_unload``), as a plain model: the starting point of a fine-tuning that continues MiniGPT-v2
+    (``minigptv2_checkpoint.pth``). Returns the model and the load report; ``ValueError`` if the checkpoint holds no
+    LoRA weights (there would be nothing to merge)."""
+    model, report = load_lora_checkpoint(llm, path, config)
+    if not report.loaded:
+        raise ValueError(f"Checkpoint {report.path} holds no LoRA weights of the LLM to merge.")
+    return model.merge_and_unload(), report
+
+
 def save_projectors(projectors: nn.Module, path: str | Path) -> Path:
-    """Save the projector weights as safetensors (our names)."""
+    """Save the projector weights as safetensors (our names), with their checksum (``peft_mose.checksum``)."""
     path = Path(path)
-    save_file({k: v.detach().contiguous().cpu() for k, v in projectors.state_dict().items()}, str(path))
+    tensors = {k: v.detach().contiguous().cpu() for k, v in projectors.state_dict().items()}
+    save_file(tensors, str(path), metadata=with_checksum(tensors, None))
     return path
 
 
 def load_projectors(projectors: nn.Module, path: str | Path) -> None:
-    """Load projector weights saved by :func:`save_projectors`; any missing, extra or mis-shaped key raises."""
+    """Load projector weights saved by :func:`save_projectors`; a checksum mismatch, or any missing, extra or
+    mis-shaped key raises."""
+    verify_file(path)
     try:
         projectors.load_state_dict(load_file(str(path)), strict=True)
     except RuntimeError as err:

@@ -78,6 +78,11 @@ class EmotionLlama(nn.Module):
         missing = [k for k in ("input_ids", "attention_mask", "modality_ids", *FEATURE_KEYS) if k not in batch]
         if missing:
             raise ValueError(f"The batch lacks {missing}; it has {sorted(batch)}.")
+        if "labels" in batch and batch["labels"].shape != batch["input_ids"].shape:  # else torch: "batch_size" mismatch
+            raise ValueError(
+                f"labels have shape {tuple(batch['labels'].shape)}, input_ids {tuple(batch['input_ids'].shape)}: a "
+                "batch needs one label per token (-100 where there is none)."
+            )
         modality_ids = batch["modality_ids"]
         slot_embeds = self.projectors(
             *(batch[k] for k in FEATURE_KEYS), audio_repeat=self._audio_repeat(modality_ids, batch["eva_patch"])
