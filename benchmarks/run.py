@@ -1,4 +1,4 @@
-"""MoSE and AR cost against PEFT LoRA and a naive reference, measured side by side in one run.
+"""MoSE and AR cost against PEFT LoRA and a HydraLoRA-style reference loop, measured side by side in one run.
 
     python benchmarks/run.py [--quick] [--json PATH] [--device cpu|cuda]
 
@@ -37,6 +37,9 @@ SHAPES = {
                  num_key_value_heads=16, vocab_size=2000),
     "quick": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=4, vocab_size=200),
+    # LLaMA-2-7B's layer shape, two layers: the train-step comparison at the width that matters
+    "7b-layer": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=2, num_attention_heads=32,
+                     num_key_value_heads=32, vocab_size=2000),
     "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=32, vocab_size=32000),
 }
@@ -74,7 +77,15 @@ def build_models(shape: dict, dtype: torch.dtype, device: str) -> dict[str, torc
                                                           target_modules=TARGETS, init_lora_weights=False))
     mose = get_peft_model(copy.deepcopy(base), MoSEConfig(r=RANK, n_experts=N_EXPERTS, lora_dropout=0.0,
                                                           target_modules=TARGETS, init_weights=False))
-    return {"base": base, "lora": lora, "mose": mose}
+    # LoRA at the rank that gives it MoSE's trainable parameter count: the same budget spent on one expert
+    matched = round(RANK * _trainable(mose) / _trainable(lora))
+    lora_matched = get_peft_model(copy.deepcopy(base), LoraConfig(r=matched, lora_alpha=16, lora_dropout=0.0,
+                                                                  target_modules=TARGETS, init_lora_weights=False))
+    return {"base": base, "lora": lora, "lora_matched": lora_matched, "mose": mose}
+
+
+def _trainable(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def train_step_fn(model, inputs: dict, params: list[torch.nn.Parameter]) -> Callable[[], None]:
@@ -123,8 +134,9 @@ def train_memory_bytes(model, inputs: dict, device: str) -> int:
     return weights + activations + 3 * sum(p.numel() * p.element_size() for p in params)
 
 
-def naive_layer_delta(layer: MoSELayer, x: torch.Tensor, mods: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-    """What the anchors' peers do: a Python loop over experts and B heads, every expert on every token, masked."""
+def hydra_layer_delta(layer: MoSELayer, x: torch.Tensor, mods: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """What peers do (HydraLoRA's layout): per expert one shared ``A x`` and a Python loop over its B heads, every
+    expert on every token, masked."""
     name = "default"
     visual, nonvisual = layer.expert_ids[name]
     masks = {"visual": torch.isin(mods, torch.tensor(sorted(visual))).float() * lam[:, None],
@@ -133,8 +145,8 @@ def naive_layer_delta(layer: MoSELayer, x: torch.Tensor, mods: torch.Tensor, lam
     out = 0
     for e, expert in enumerate(EXPERTS):
         gates = torch.softmax(x @ layer.mose_gate[name][e].T, dim=-1)
+        h = x @ layer.mose_A[name][e].T
         for i in range(layer.n_experts[name]):
-            h = x @ layer.mose_A[name][e].T
             out = out + (masks[expert] * gates[..., i])[..., None] * (h @ layer.mose_B[name][:, e, i, :].T)
     return out * layer.scaling[name]
 
@@ -149,16 +161,16 @@ def layer_benchmark(mose_model, mods: torch.Tensor, repeats: int, warmup: int, s
         with torch.no_grad():
             layer(x)
 
-    def naive() -> None:
+    def hydra() -> None:
         with torch.no_grad():
-            layer.base_layer(x) + naive_layer_delta(layer, x, mods, lam)
+            layer.base_layer(x) + hydra_layer_delta(layer, x, mods, lam)
 
     def frozen() -> None:
         with torch.no_grad():
             layer.base_layer(x)
 
     with mose_model.base_model.scope.layer_call(mods):  # the per-call context a model forward would open
-        return interleaved({"layer_fast": fast, "layer_naive": naive, "layer_frozen": frozen}, repeats, warmup, sync)
+        return interleaved({"layer_fast": fast, "layer_hydra": hydra, "layer_frozen": frozen}, repeats, warmup, sync)
 
 
 def run(shape_name: str, device: str, dtype: torch.dtype, repeats: int, warmup: int) -> dict[str, Any]:
@@ -206,9 +218,11 @@ def ratios(results: dict[str, Any]) -> dict[str, float]:
     out = {
         "mose_vs_lora_train_step": results["train_step_mose"] / results["train_step_lora"],
         "mose_vs_lora_forward": results["forward_mose"] / results["forward_lora"],
+        "mose_vs_lora_matched_train_step": results["train_step_mose"] / results["train_step_lora_matched"],
+        "mose_vs_lora_matched_forward": results["forward_mose"] / results["forward_lora_matched"],
         "mose_vs_lora_peak_memory": results["train_memory_bytes_mose"] / results["train_memory_bytes_lora"],
         # the experts' share of the layer: both timings minus the frozen projection they share
-        "naive_vs_fast_layer": (results["layer_naive"] - results["layer_frozen"])
+        "hydra_vs_fast_layer": (results["layer_hydra"] - results["layer_frozen"])
         / (results["layer_fast"] - results["layer_frozen"]),
     }
     if "decode_ar" in results:
@@ -222,12 +236,14 @@ def main() -> None:
     parser.add_argument("--shape", choices=sorted(SHAPES), default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (run with 1 and with 2 on a shared 2-core machine; default: torch's)")
     parser.add_argument("--json", help="write raw medians and ratios to this file")
     args = parser.parse_args()
     shape = args.shape or ("quick" if args.quick else "llama2-7b" if args.device == "cuda" else "full")
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     repeats = args.repeats or (2 if args.quick else 9)
-    torch.set_num_threads(torch.get_num_threads())
+    torch.set_num_threads(args.threads or torch.get_num_threads())
     results = run(shape, args.device, dtype, repeats, warmup=1 if args.quick else 2)
     report = {
         "machine": {"device": args.device, "cpu": platform.processor() or platform.machine(),
