@@ -138,6 +138,8 @@ class ModelArguments:
     lora_alpha: float = _mose_field("lora_alpha")
     lora_dropout: float = _mose_field("lora_dropout")
     router_hidden_size: int = _mose_field("router_hidden_size")
+    expert_kind: str = _mose_field("expert_kind")
+    router: bool = _mose_field("router")
     target_modules: str = field(default="q_proj,v_proj", metadata={"help": "Comma-separated target modules."})
 
     def mose_config(self) -> MoSEConfig:
@@ -149,6 +151,8 @@ class ModelArguments:
             lora_alpha=self.lora_alpha,
             lora_dropout=self.lora_dropout,
             router_hidden_size=self.router_hidden_size,
+            expert_kind=self.expert_kind,
+            router=self.router,
             target_modules=[m.strip() for m in self.target_modules.split(",") if m.strip()],
         )
 
