@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from peft_mose._versions import environment
 from peft_mose.attention.backend import PAI_MODES
 from recipes.emotion_llama.baseline import load_baseline
 from recipes.emotion_llama.features import FeatureSpec
@@ -239,7 +240,7 @@ def evaluate_model(config: ModelEvalConfig) -> list[tuple[str, Mapping[str, obje
         name = prefix if strategy == "none" else f"{prefix} + {strategy.upper()}"
         write_report(result, per_sample, out / strategy, name=name)
         rows.append((name, result))
-        summary.append({"name": name, "strategy": strategy, **result})
+        summary.append({"name": name, "strategy": strategy, **result, "environment": environment()})
     (out / "scores.md").write_text(markdown_table(rows), encoding="utf-8")
     (out / "scores.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     plot_scores(rows, out / "scores.png")
