@@ -235,16 +235,17 @@ def _put(t: torch.Tensor, rows: torch.Tensor | None, value: torch.Tensor) -> Non
         t[rows] = value
 
 
+def autocast_on(device: str) -> bool:
+    """Whether autocast is on for the device type ``device``."""
+    return torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+
+
 def _compute_dtype(x: torch.Tensor, A: torch.Tensor) -> torch.dtype:
     """``A``'s dtype, or autocast's where autocast is on for ``x``'s device (what ``F.linear`` would use)."""
     device = x.device.type
-    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
-    return A.dtype
+    return torch.get_autocast_dtype(device) if autocast_on(device) else A.dtype
 
 
 def _explicit_dtype(device: str) -> contextlib.AbstractContextManager:
     """The experts compute in the dtype chosen by :func:`_compute_dtype`: autocast off inside, where it is on."""
-    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
-        return torch.autocast(device, enabled=False)
-    return contextlib.nullcontext()
+    return torch.autocast(device, enabled=False) if autocast_on(device) else contextlib.nullcontext()

@@ -12,7 +12,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import MoSEConfig
-from .experts import EXPERTS, ONLY_EXPERT, mose_delta, token_groups, uniform_delta, uniform_weights
+from .experts import EXPERTS, ONLY_EXPERT, autocast_on, mose_delta, token_groups, uniform_delta, uniform_weights
 from .modality import Modality
 from .router import ModalityRouter, pool_modalities, routing_weight
 from .context import ContextScope, ModalityContext, StepLayout
@@ -179,11 +179,11 @@ class MoSELayer(BaseTunerLayer):
             return context.uniform_plans[key]
         visual, nonvisual = self.expert_ids[adapter_name]
         modality = int(step.uniform)
-        if modality in visual or self.expert_kind[adapter_name] == "moae" or _autocast_on(self.mose_A[adapter_name]):
+        A, B = self.mose_A[adapter_name], self.mose_B[adapter_name]
+        if modality in visual or self.expert_kind[adapter_name] == "moae" or autocast_on(A.device.type):
             context.uniform_plans[key] = None
             return None
         experts = (1, 2) if modality in nonvisual else (2,)
-        A, B = self.mose_A[adapter_name], self.mose_B[adapter_name]
         lam = self._routing_lambda(adapter_name, x, {}, context).to(A.dtype)
         weights = (1 - lam, torch.ones_like(lam)) if experts == (1, 2) else (torch.ones_like(lam),)
         coef = (torch.stack(weights, dim=1) * self.scaling[adapter_name])[:, None, :, None]
@@ -286,11 +286,6 @@ def _uniform_mean_gates(gates: torch.Tensor, experts: tuple[int, ...]) -> torch.
     means[:, list(experts)] = gates.mean(1)
     return means
 
-
-def _autocast_on(weight: torch.Tensor) -> bool:
-    """Whether autocast is on for ``weight``'s device (the uniform path leaves that case to the general one)."""
-    device = weight.device.type
-    return torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
 
 
 def _isin(ids: torch.Tensor, values: frozenset[int]) -> torch.Tensor:
