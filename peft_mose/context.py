@@ -275,8 +275,7 @@ class ContextScope:
             )
         batch, new = inputs.shape[0], (inputs.shape[1] if inputs.dim() > 1 else 1)
         device = inputs.device
-        cache = call_cache(kwargs)
-        past = cached_length(cache)
+        cache, past = call_cache(kwargs), context.cached
         total = past + new
         record = self._records.get(cache) if past else None
         if past and context.continued is None:
