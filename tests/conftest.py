@@ -65,7 +65,7 @@ def llama(_llama_template) -> LlamaForCausalLM:
 def tiny(tmp_path_factory: pytest.TempPathFactory):
     """The recipes' tiny configuration, written once: 60 synthetic MERR samples (48 train, 12 test) and a tiny
     random Llama with its tokenizer."""
-    from recipes.make_tiny import write_tiny_setup
+    from mosear_recipes.tiny_setup import write_tiny_setup
 
     return write_tiny_setup(tmp_path_factory.mktemp("tiny"), num_samples=60, seed=0)
 

@@ -8,12 +8,12 @@ import signal
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))  # where the script finds its library
 
-from recipes import merr_finetune as finetune  # noqa: E402
+from mosear_recipes import finetune, trainer  # noqa: E402
 
 KILL_AT = f"checkpoint-{os.environ['KILL_AT_CHECKPOINT']}"
-save_projectors = finetune.save_projectors
+save_projectors = trainer.save_projectors
 
 
 def save_then_die(projectors, path):
@@ -23,5 +23,5 @@ def save_then_die(projectors, path):
     return saved
 
 
-finetune.save_projectors = save_then_die
+trainer.save_projectors = save_then_die
 finetune.main()

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from recipes.merr.dataset import MERRDataset
-from recipes.merr.synthetic import SyntheticMERR
+from mosear_recipes.merr.dataset import MERRDataset
+from mosear_recipes.merr.synthetic import SyntheticMERR
 
 
 def coarse_dataset(data: SyntheticMERR, **kwargs) -> MERRDataset:

@@ -13,9 +13,9 @@ from safetensors.torch import load_file, save_file
 from conftest import make_tiny_llama, random_tokens
 from peft_mose import MoSEConfig
 from peft_mose.checksum import METADATA_KEY, ChecksumError
-from recipes.emotion_llama.checkpoint import load_projectors, save_projectors
-from recipes.emotion_llama.features import FeatureSpec
-from recipes.emotion_llama.projectors import EmotionLlamaProjectors
+from mosear_recipes.emotion_llama.checkpoint import load_projectors, save_projectors
+from mosear_recipes.emotion_llama.features import FeatureSpec
+from mosear_recipes.emotion_llama.projectors import EmotionLlamaProjectors
 
 WEIGHTS = "adapter_model.safetensors"
 

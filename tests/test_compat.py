@@ -24,7 +24,21 @@ def parameters(fn: Callable) -> list[tuple[str, object, object]]:
     return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
 
 
-# --- accelerate: recipes/distributed.py -------------------------------------------------------------------------
+# --- transformers: recipes/mosear_recipes/trainer.py ----------------------------------------------------------
+
+
+def test_trainer_load_from_checkpoint():
+    """``MoSETrainer`` overrides it (recipes/mosear_recipes/trainer.py): Trainer.train calls it to resume."""
+    from transformers import Trainer
+
+    assert parameters(Trainer._load_from_checkpoint) == [
+        ("self", P.POSITIONAL_OR_KEYWORD, P.empty),
+        ("resume_from_checkpoint", P.POSITIONAL_OR_KEYWORD, P.empty),
+        ("model", P.POSITIONAL_OR_KEYWORD, None),
+    ]
+
+
+# --- accelerate: recipes/mosear_recipes/distributed.py ---------------------------------------------------------
 
 
 def test_accelerator_state_reset_state():

@@ -1,8 +1,7 @@
-"""recipes/evaluate.py in scoring mode (--predictions / --references) on small files, good and bad."""
+"""recipes/merr_evaluate.py in scoring mode (--predictions / --references) on small files, good and bad."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import runpy
@@ -12,13 +11,11 @@ from pathlib import Path
 import pytest
 
 from peft_mose.metrics import LABEL_SETS
+from mosear_recipes import evaluate_cli, scoring
+from mosear_recipes.plots import plot_scores
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "recipes" / "evaluate.py"
-_spec = importlib.util.spec_from_file_location("recipes_evaluate", SCRIPT)
-evaluate = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = evaluate  # dataclasses look their module up there
-_spec.loader.exec_module(evaluate)
+SCRIPT = ROOT / "recipes" / "merr_evaluate.py"
 
 REASONING_REFS = [
     {
@@ -62,11 +59,11 @@ def run(tmp_path: Path, preds: list[dict], refs: list[dict], *extra: str) -> dic
         "--out_dir", str(tmp_path / "out"),
         *extra,
     ]
-    assert evaluate.main(argv) == 0
+    assert evaluate_cli.main(argv) == 0
     return json.loads((tmp_path / "out" / "scores.json").read_text(encoding="utf-8"))
 
 
-def test_reasoning_with_subsets(tmp_path, capsys):
+def test_reasoning_with_subsets(tmp_path, capsys, caplog):
     result = run(tmp_path, REASONING_PREDS, REASONING_REFS)
     scores = result["scores"]
     # a: {neutral} vs conclusion {sad} -> 0, 0      b: {angry} vs {angry, frustrated} -> 1, 1/2
@@ -86,7 +83,7 @@ def test_reasoning_with_subsets(tmp_path, capsys):
     row = "| preds | 0.00 | 0.00 | 0.00 | 100.00 | 50.00 | 75.00 | 50.00 | 100.00 | 75.00 | 50.00 | 50.00 | 50.00 |"
     assert row + " +100.00 | +50.00 | +75.00 |" in out.out
     assert out.out.startswith("| Model | Video-Aligned Acc. | Video-Aligned Rec. | Video-Aligned Avg. |")
-    assert "1 samples have no emotion word in their reference and are skipped" in out.err and "'d'" in out.err
+    assert "1 samples have no emotion word in their reference and are skipped" in caplog.text and "'d'" in caplog.text
 
     files = tmp_path / "out"
     assert (files / "scores.md").read_text(encoding="utf-8") == out.out
@@ -143,17 +140,17 @@ def test_recognition_with_subsets_and_dfew_labels(tmp_path):
 
 def test_library_entry_points_for_a_model_running_mode(tmp_path):
     # A model-running mode hands its predictions to score() and write_report() directly.
-    references = [evaluate.Reference("x", "She is happy."), evaluate.Reference("y", ["sad"])]
-    config = evaluate.ScoringConfig(extractor=lambda text: ["joy"])
-    result, rows = evaluate.score({"x": "anything", "y": "ignored"}, references, config)
+    references = [scoring.Reference("x", "She is happy."), scoring.Reference("y", ["sad"])]
+    config = scoring.ScoringConfig(extractor=lambda text: ["joy"])
+    result, rows = scoring.score({"x": "anything", "y": "ignored"}, references, config)
     assert result["scores"]["overall"]["accuracy"] == 0.5  # x: {happy} vs {happy}; y: {happy} vs {sad}
     assert result["settings"]["extractor"] == "custom"
-    second, _ = evaluate.score({"x": "a", "y": ["sad"]}, references, config)
-    table = evaluate.markdown_table([("first", result), ("second", second)])
+    second, _ = scoring.score({"x": "a", "y": ["sad"]}, references, config)
+    table = scoring.markdown_table([("first", result), ("second", second)])
     assert table.splitlines()[2:] == ["| first | 50.00 | 50.00 | 50.00 |", "| second | 100.00 | 100.00 | 100.00 |"]
-    evaluate.plot_scores([("first", result), ("second", second)], tmp_path / "two.png")
+    plot_scores([("first", result), ("second", second)], tmp_path / "two.png")
     assert (tmp_path / "two.png").stat().st_size > 0
-    paths = evaluate.write_report(result, rows, tmp_path / "report", "first")
+    paths = scoring.write_report(result, rows, tmp_path / "report", "first")
     assert sorted(p.name for p in paths.values()) == ["per_sample.jsonl", "scores.json", "scores.md", "scores.png"]
 
 
@@ -165,7 +162,7 @@ def test_markdown_table_rejects_rows_with_different_columns():
         "gap": None,
     }
     with pytest.raises(ValueError, match="'b' has different columns"):
-        evaluate.markdown_table([("a", reasoning), ("b", recognition)])
+        scoring.markdown_table([("a", reasoning), ("b", recognition)])
 
 
 def _lines(*records: object) -> str:
@@ -279,7 +276,7 @@ def test_bad_inputs_give_clear_errors(tmp_path, capsys, preds, refs, extra, mess
     (tmp_path / "refs.jsonl").write_text(refs, encoding="utf-8")
     argv = ["--predictions", str(tmp_path / "preds.jsonl"), "--references", str(tmp_path / "refs.jsonl")]
     with pytest.raises(SystemExit) as exit_info:
-        evaluate.main([*argv, "--out_dir", str(tmp_path / "out"), *extra])
+        evaluate_cli.main([*argv, "--out_dir", str(tmp_path / "out"), *extra])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert re.search(message, err), err
@@ -291,21 +288,21 @@ def test_missing_files_and_bad_grouping_file(tmp_path, capsys):
     refs.write_text(GOOD_REFS, encoding="utf-8")
     out = ["--out_dir", str(tmp_path / "out")]
     with pytest.raises(SystemExit):
-        evaluate.main(["--predictions", str(tmp_path / "nope.jsonl"), "--references", str(refs), *out])
+        evaluate_cli.main(["--predictions", str(tmp_path / "nope.jsonl"), "--references", str(refs), *out])
     assert "nope.jsonl does not exist" in capsys.readouterr().err
     grouping = tmp_path / "g.json"
     grouping.write_text("[]", encoding="utf-8")
     with pytest.raises(SystemExit):
-        evaluate.main(["--predictions", str(refs), "--references", str(refs), *out, "--grouping", str(grouping)])
+        evaluate_cli.main(["--predictions", str(refs), "--references", str(refs), *out, "--grouping", str(grouping)])
     assert "must hold a non-empty JSON object" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        evaluate.main(["--predictions", str(refs), "--references", str(refs), *out, "--grouping", "missing.csv"])
+        evaluate_cli.main(["--predictions", str(refs), "--references", str(refs), *out, "--grouping", "missing.csv"])
     assert "No such file or directory: 'missing.csv'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
 def test_script_entry_point(tmp_path, monkeypatch, capsys):
-    # Runs the file as __main__ (what `python recipes/evaluate.py ...` does) without paying for a new interpreter.
+    # Runs the file as __main__ (what `python recipes/merr_evaluate.py ...` does) without paying for a new interpreter.
     preds = write_jsonl(tmp_path / "p.jsonl", REASONING_PREDS)
     refs = write_jsonl(tmp_path / "r.jsonl", REASONING_REFS)
     argv = [str(SCRIPT), "--predictions", str(preds), "--references", str(refs), "--out_dir", str(tmp_path / "o")]

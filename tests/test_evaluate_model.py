@@ -1,4 +1,4 @@
-"""recipes/evaluate.py in model-running mode with the base model (Emotion-LLaMA from an original .pth, its LoRA
+"""recipes/merr_evaluate.py in model-running mode with the base model (Emotion-LLaMA from an original .pth, its LoRA
 included), AR on a model without MoSE, the reasoning task, and the model-mode option errors. Runs of
 recipes/merr_finetune.py are evaluated in tests/test_recipe_finetune.py."""
 
@@ -15,16 +15,16 @@ from peft import LoraConfig, get_peft_model
 from peft_mose import Modality
 from peft_mose.attention import attention_reallocation
 from peft_mose.layout import prompt_only
-from recipes import evaluate
-from recipes.emotion_llama.baseline import load_baseline
-from recipes.emotion_llama.checkpoint import ORIGINAL_TO_OURS, load_lora_checkpoint, save_projectors
-from recipes.emotion_llama.model import EmotionLlama, load_llm
-from recipes.emotion_llama.projectors import EmotionLlamaProjectors
-from recipes.merr.collator import MERRCollator
-from recipes.merr.dataset import MERRDataset
-from recipes.merr.readers import read_annotations
-from recipes.merr.synthetic import SUBSETS
-from recipes.merr.tasks import REASON_INSTRUCTIONS
+from mosear_recipes import evaluate_cli
+from mosear_recipes.emotion_llama.baseline import load_baseline
+from mosear_recipes.emotion_llama.checkpoint import ORIGINAL_TO_OURS, load_lora_checkpoint, save_projectors
+from mosear_recipes.emotion_llama.model import EmotionLlama, load_llm
+from mosear_recipes.emotion_llama.projectors import EmotionLlamaProjectors
+from mosear_recipes.merr.collator import MERRCollator
+from mosear_recipes.merr.dataset import MERRDataset
+from mosear_recipes.merr.readers import read_annotations
+from mosear_recipes.merr.synthetic import SUBSETS
+from mosear_recipes.merr.tasks import REASON_INSTRUCTIONS
 
 # Emotion-LLaMA's LoRA, written out here rather than taken from the loader under test.
 LORA = LoraConfig(r=64, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
@@ -71,7 +71,7 @@ def recognition_run(tiny, checkpoint, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("recognition")
     argv = _base_args(tiny, out, "--projector_checkpoint", str(checkpoint), "--task", "recognition",
                       "--strategies", "none,ar", "--tau", "0", "--max_new_tokens", "3")  # fmt: skip
-    assert evaluate.main(argv) == 0
+    assert evaluate_cli.main(argv) == 0
     return out
 
 
@@ -155,7 +155,7 @@ def test_base_model_rows_predictions_and_rescoring(tiny, recognition_run):
     rescored = out / "rescored"
     argv = ["--task", "recognition", "--predictions", str(out / "predictions_ar.jsonl"),
             "--references", str(out / "references.jsonl"), "--out_dir", str(rescored)]  # fmt: skip
-    assert evaluate.main(argv) == 0
+    assert evaluate_cli.main(argv) == 0
     again = json.loads((rescored / "scores.json").read_text())
     assert (again["scores"], again["gap"]) == (summary[1]["scores"], summary[1]["gap"])
 
@@ -168,7 +168,7 @@ def test_reasoning_with_the_base_model_scores_each_subset(tiny, weights, tmp_pat
     out = tmp_path / "out"
     argv = _base_args(tiny, out, "--projectors", str(projectors), "--strategies", "none,pai", "--max_new_tokens", "6",
                       "--name", "Plain LLM")  # fmt: skip
-    assert evaluate.main(argv) == 0
+    assert evaluate_cli.main(argv) == 0
     assert "| Plain LLM | " in capsys.readouterr().out
     summary = json.loads((out / "scores.json").read_text())
     assert [row["name"] for row in summary] == ["Plain LLM", "Plain LLM + PAI"]
@@ -185,7 +185,7 @@ def test_reasoning_with_the_base_model_scores_each_subset(tiny, weights, tmp_pat
     assert all(row["reference_words"] for row in per_sample)  # the conclusion of each caption names its label
     argv = ["--predictions", str(out / "predictions_pai.jsonl"), "--references", str(out / "references.jsonl"),
             "--out_dir", str(tmp_path / "rescored")]  # fmt: skip
-    assert evaluate.main(argv) == 0
+    assert evaluate_cli.main(argv) == 0
     again = json.loads((tmp_path / "rescored" / "scores.json").read_text())
     assert (again["scores"], again["gap"]) == (summary[1]["scores"], summary[1]["gap"])
 
@@ -205,6 +205,7 @@ BAD_OPTIONS = [  # (extra arguments after --out_dir, expected message); {model} 
      "nope: the data folder does not exist"),
     (["--run_dir", "{data}/nope"], "nope: the run folder does not exist"),
     (["--run_dir", "{data}"], "holds no run_config.json"),
+    (["--run_dir", "{run}"], "has format None, this version reads format 2"),
     (["--run_dir", "{run}", "--projectors", "{checkpoint}"], "--projectors go with --model_name_or_path"),
     (["{base}", "--annotation", "nope.txt"], "--annotation nope.txt: the file does not exist"),
     (["{base}", "--subsets", "{data}/nope.csv"], "nope.csv: the subsets file does not exist"),
@@ -229,7 +230,7 @@ def test_bad_model_mode_options_give_clear_errors(tiny, checkpoint, tmp_path, ca
     for item in extra:
         argv += base if item == "{base}" else [item.format(**values)]
     with pytest.raises(SystemExit) as exit_info:
-        evaluate.main(argv)
+        evaluate_cli.main(argv)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert message in err, err

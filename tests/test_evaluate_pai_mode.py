@@ -1,4 +1,4 @@
-"""recipes/evaluate.py --pai_mode: both PAI variants of Table 7 from the command line, down to the attention block."""
+"""recipes/merr_evaluate.py --pai_mode: both PAI variants of Table 7 from the command line, down to the attention block."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from recipes import evaluate
-from recipes.emotion_llama import model as emotion_llama_model
-from recipes.evaluate import ScoringConfig
-from recipes.evaluate_model import ModelEvalConfig, reallocation_options
+from mosear_recipes import evaluate_cli
+from mosear_recipes.emotion_llama import model as emotion_llama_model
+from mosear_recipes.scoring import ScoringConfig
+from mosear_recipes.model_eval import ModelEvalConfig, reallocation_options
 from test_evaluate_model import _base_args, checkpoint, weights  # noqa: F401 (module fixtures)
 
 
@@ -37,7 +37,7 @@ def test_pai_mode_reaches_the_attention_block_and_the_scores(
     extra = ["--pai_mode", mode] if mode else []
     argv = _base_args(tiny, out, "--projector_checkpoint", str(checkpoint), "--task", "recognition",
                       "--strategies", "none,pai", "--alpha", "2", "--max_new_tokens", "2", *extra)  # fmt: skip
-    assert evaluate.main(argv) == 0
+    assert evaluate_cli.main(argv) == 0
     expected = mode or "logits"
     assert calls and all(c["strategy"] == "pai" and c["pai_mode"] == expected and c["alpha"] == 2 for c in calls)
     summary = json.loads((out / "scores.json").read_text())
@@ -48,7 +48,7 @@ def test_pai_mode_reaches_the_attention_block_and_the_scores(
 def test_an_unknown_pai_mode_is_refused_before_anything_runs(tiny, checkpoint, tmp_path, capsys):  # noqa: F811
     argv = _base_args(tiny, tmp_path / "out", "--projector_checkpoint", str(checkpoint), "--pai_mode", "heads")
     with pytest.raises(SystemExit) as exit_info:
-        evaluate.main(argv)
+        evaluate_cli.main(argv)
     assert exit_info.value.code == 2
-    assert "--pai_mode must be one of ['logits', 'weights'], got 'heads'" in capsys.readouterr().err
+    assert "argument --pai_mode: invalid choice: 'heads' (choose from 'logits', 'weights')" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

@@ -13,15 +13,15 @@ from recipe_helpers import coarse_dataset
 
 from peft_mose import Modality
 from peft_mose.layout import IGNORE_INDEX
-from recipes.emotion_llama.features import FeatureSpec
-from recipes.emotion_llama.model import load_tokenizer
-from recipes.emotion_llama.prompt import PromptEncoder
-from recipes.merr.collator import MERRCollator
-from recipes.merr.dataset import MERRDataset
-from recipes.merr.readers import SampleError, read_annotations, read_captions, read_subtitles
-from recipes.merr.sampler import SingleTaskBatchSampler
-from recipes.merr.synthetic import LABELS, read_synthetic_subsets, write_synthetic_merr
-from recipes.merr.tasks import EMOTION_INSTRUCTIONS, REASON_INSTRUCTIONS, normalize_answer, parse_tasks
+from mosear_recipes.emotion_llama.features import FeatureSpec
+from mosear_recipes.emotion_llama.model import load_tokenizer
+from mosear_recipes.emotion_llama.prompt import PromptEncoder
+from mosear_recipes.merr.collator import MERRCollator
+from mosear_recipes.merr.dataset import MERRDataset
+from mosear_recipes.merr.readers import SampleError, read_annotations, read_captions, read_subtitles
+from mosear_recipes.merr.sampler import SingleTaskBatchSampler
+from mosear_recipes.merr.synthetic import LABELS, read_synthetic_subsets, write_synthetic_merr
+from mosear_recipes.merr.tasks import EMOTION_INSTRUCTIONS, REASON_INSTRUCTIONS, normalize_answer, parse_tasks
 
 
 @pytest.fixture

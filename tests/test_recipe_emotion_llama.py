@@ -11,19 +11,19 @@ from torch.utils.data import DataLoader
 
 from peft_mose import Modality
 from peft_mose.layout import IGNORE_INDEX
-from recipes.emotion_llama.checkpoint import (
+from mosear_recipes.emotion_llama.checkpoint import (
     load_projector_checkpoint,
     load_projectors,
     save_projectors,
 )
-from recipes.emotion_llama.features import FeatureSpec
-from recipes.emotion_llama.model import EmotionLlama, load_llm, load_tokenizer
-from recipes.emotion_llama.projectors import FEATURE_KEYS, EmotionLlamaProjectors
-from recipes.emotion_llama.prompt import HEAD, MIDDLE, PromptEncoder, prompt_tail
-from recipes.merr.collator import MERRCollator
-from recipes.merr.dataset import MERRDataset
-from recipes.merr.sampler import SingleTaskBatchSampler
-from recipes.merr.synthetic import write_synthetic_merr
+from mosear_recipes.emotion_llama.features import FeatureSpec
+from mosear_recipes.emotion_llama.model import EmotionLlama, load_llm, load_tokenizer
+from mosear_recipes.emotion_llama.projectors import FEATURE_KEYS, EmotionLlamaProjectors
+from mosear_recipes.emotion_llama.prompt import HEAD, MIDDLE, PromptEncoder, prompt_tail
+from mosear_recipes.merr.collator import MERRCollator
+from mosear_recipes.merr.dataset import MERRDataset
+from mosear_recipes.merr.sampler import SingleTaskBatchSampler
+from mosear_recipes.merr.synthetic import write_synthetic_merr
 
 
 class Parts:

@@ -1,5 +1,6 @@
-"""recipes/merr_finetune.py: the built-in default end to end, gradients, schedule, resume, bad arguments, and the
-DeepSpeed launches (one process; two ranks under ZeRO-3 over gloo, resumed)."""
+"""recipes/merr_finetune.py: the built-in default end to end, config files and overrides, stage 2 from stage 1,
+gradients, the schedules, validation, the loss curve, resume, bad arguments, and the DeepSpeed launches (one process;
+two ranks under ZeRO-3 over gloo, resumed)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import math
 import os
 import pickle
+import runpy
 import shutil
 import socket
 import subprocess
@@ -19,30 +21,52 @@ from peft import get_peft_model_state_dict
 from safetensors.torch import load_file
 
 from peft_mose import Modality
-from recipes import merr_finetune as finetune
-from recipes.emotion_llama.features import FeatureSpec
-from recipes.emotion_llama.model import load_tokenizer
-from recipes.emotion_llama.prompt import PromptEncoder
-from recipes.merr.collator import MERRCollator
-from recipes.merr.synthetic import SUBSETS
+from mosear_recipes import evaluate_cli, finetune
+from mosear_recipes.arguments import TINY_CONFIG, ModelArguments, check_args, parse_finetune_args
+from mosear_recipes.emotion_llama.features import FeatureSpec
+from mosear_recipes.emotion_llama.model import load_tokenizer
+from mosear_recipes.emotion_llama.prompt import PromptEncoder
+from mosear_recipes.merr.collator import MERRCollator
+from mosear_recipes.merr.synthetic import SUBSETS
+from mosear_recipes.modeling import build_model, load_trained, read_reference_outputs
+from mosear_recipes.run_config import LOSS_CURVE, REFERENCE_FILE, RunConfig
+from mosear_recipes.trainer import MoSETrainer, load_trained_weights, warmup_cosine_lr
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "recipes" / "merr_finetune.py"
 RECORDER = ROOT / "tests" / "record_batches.py"  # the script, recording which samples each rank trains on
-# A few steps per stage: 2 epochs x 4 iterations, batch 4 (tiny default), checkpoints every 3 steps.
+# A few steps: 2 epochs x 4 iterations, batch 4 (tiny default), checkpoints every 3 steps.
 SHORT = ["--iters_per_epoch", "4", "--num_train_epochs", "2", "--warmup_steps", "2", "--logging_steps", "1",
          "--save_strategy", "steps", "--save_steps", "3", "--disable_tqdm", "true"]  # fmt: skip
-STEPS_PER_STAGE = 8
+STEPS = 8
+
+
+def on_tiny(tiny, *extra: str) -> list[str]:
+    """The tiny config on the session's tiny setup (written once) instead of a fresh one per run."""
+    setup = ["--tiny_setup", "false", "--model_name_or_path", str(tiny.model_dir), "--data_root", str(tiny.data.root)]
+    return [str(TINY_CONFIG), *setup, *extra]
 
 
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    """The built-in default with a short schedule: ``(output_dir, evaluation result)``."""
+    """The built-in default (no config file, no model) with a short schedule: ``(output_dir, evaluation result)``."""
     out = tmp_path_factory.mktemp("default_run")
     return out, finetune.main(["--output_dir", str(out), *SHORT])
 
 
-def test_default_run_writes_adapter_projectors_config_and_table(default_run):
+@pytest.fixture(scope="module")
+def stage2_run(default_run, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Stage fine started from the default run (stage coarse) with ``--init_from``, as the paper's stage 2."""
+    first, _ = default_run
+    out = tmp_path_factory.mktemp("stage2")
+    argv = [str(TINY_CONFIG), "--tiny_setup", "false", "--model_name_or_path", str(first / "tiny" / "model"),
+            "--data_root", str(first / "tiny" / "data"), "--stage", "fine", "--learning_rate", "1e-3",
+            "--init_from", str(first), "--output_dir", str(out), *SHORT, "--eval_annotation", "none"]  # fmt: skip
+    finetune.main(argv)
+    return out
+
+
+def test_default_run_writes_adapter_projectors_config_curve_and_table(default_run):
     out, result = default_run
     adapter_config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert adapter_config["peft_type"] == "MOSE" and adapter_config["r"] == 8
@@ -52,17 +76,14 @@ def test_default_run_writes_adapter_projectors_config_and_table(default_run):
     projectors = load_file(str(out / "projectors.safetensors"))
     assert sorted(projectors) == sorted(f"{p}.{w}" for p in ("eva_patch", "eva_cls", "face", "video", "audio")
                                         for w in ("weight", "bias"))  # fmt: skip
-    assert (out / "coarse" / "adapter" / "adapter_model.safetensors").is_file()  # stage 1's result
-    assert (out / "coarse" / "projectors.safetensors").is_file()
 
-    config = json.loads((out / "run_config.json").read_text())
-    assert config["tiny_defaults"] == list(finetune.TINY_DEFAULTS)
-    assert [(s["name"], s["learning_rate"], s["tasks"]) for s in config["stages"]] == [
-        ("coarse", 3e-3, ["emotion", "reason"]),
-        ("fine", 1e-3, ["emotion", "reason_v2"]),
-    ]
-    assert config["training"]["weight_decay"] == 0.05 and config["training"]["iters_per_epoch"] == 4
-    assert Path(config["model_name_or_path"]) == out / "tiny" / "model"
+    config = RunConfig.read(out)
+    assert config.config_file == str(TINY_CONFIG)
+    assert (config.stage.name, config.stage.learning_rate, config.stage.tasks) == ("coarse", 3e-3, ("emotion", "reason"))
+    assert config.arguments["training"]["weight_decay"] == 0.05 and config.arguments["schedule"]["iters_per_epoch"] == 4
+    assert config.arguments["data"]["val_size"] == 30 and config.environment["torch"] == torch.__version__
+    assert Path(config.model_name_or_path) == out / "tiny" / "model"
+    assert (out / LOSS_CURVE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     assert list(result["scores"]) == [*SUBSETS, "overall"]
     assert [result["scores"][s]["num_samples"] for s in (*SUBSETS, "overall")] == [20, 20, 20, 60]
@@ -75,69 +96,132 @@ def test_default_run_writes_adapter_projectors_config_and_table(default_run):
     assert len(rows) == 60 and all(isinstance(r["prediction"], str) for r in rows)
 
 
+def test_validation_split_is_evaluated_every_epoch(default_run):
+    out, _ = default_run
+    history = json.loads((out / f"checkpoint-{STEPS}" / "trainer_state.json").read_text())["log_history"]
+    evaluated = [(e["epoch"], e["eval_loss"]) for e in history if "eval_loss" in e]
+    # epoch 1's evaluation; epoch 2's runs at the end of the epoch, after step 8's checkpoint was saved
+    assert [epoch for epoch, _ in evaluated] == [1.0] and all(math.isfinite(loss) for _, loss in evaluated)
+    assert [e["step"] for e in history if "loss" in e] == list(range(1, STEPS + 1))
+
+
 def test_checkpoints_hold_only_what_trains(default_run):
     out, _ = default_run
-    for stage in ("coarse", "fine"):
-        checkpoints = sorted((out / stage).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-        assert [c.name for c in checkpoints] == ["checkpoint-6", "checkpoint-8"]  # every 3 steps and the last; 2 kept
-        files = {p.name for p in checkpoints[-1].iterdir()}
-        assert {"adapter", "projectors.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json"} <= files
-        assert not files & {"model.safetensors", "pytorch_model.bin", "training_args.bin"}
+    checkpoints = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    assert [c.name for c in checkpoints] == ["checkpoint-6", "checkpoint-8"]  # every 3 steps and the last; 2 kept
+    files = {p.name for p in checkpoints[-1].iterdir()}
+    assert {"adapter", "projectors.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json"} <= files
+    assert not files & {"model.safetensors", "pytorch_model.bin", "training_args.bin"}
 
 
 def test_reload_reproduces_the_trained_model_bit_identically(default_run):
     out, _ = default_run
-    trained = finetune.load_trained(out)
-    batch, logits = finetune.read_reference_outputs(out / finetune.REFERENCE_FILE)
+    trained = load_trained(out)
+    batch, logits = read_reference_outputs(out / REFERENCE_FILE)
     assert logits.shape[:2] == batch["input_ids"].shape
     with torch.no_grad():
         assert torch.equal(trained.model(**batch).logits, logits)
-    stage1 = finetune.load_trained(out, weights_dir=out / "coarse")  # a stage's result loads too, and differs
+    checkpoint = load_trained(out, weights_dir=out / "checkpoint-6")  # a checkpoint loads too, and differs
     with torch.no_grad():
-        assert not torch.allclose(stage1.model(**batch).logits, logits)
+        assert not torch.allclose(checkpoint.model(**batch).logits, logits)
+
+
+def test_stage2_starts_from_stage1_and_reloads(default_run, stage2_run):
+    first, _ = default_run
+    config = RunConfig.read(stage2_run)
+    assert (config.stage.name, config.stage.tasks, config.init_from) == ("fine", ("emotion", "reason_v2"), str(first))
+    batch, logits = read_reference_outputs(stage2_run / REFERENCE_FILE)
+    with torch.no_grad():
+        assert torch.equal(load_trained(stage2_run).model(**batch).logits, logits)
+        assert not torch.allclose(load_trained(first).model(**batch).logits, logits)
+    # its first step started from stage 1's weights: the logged loss is stage 1's model's, not a fresh adapter's
+    assert json.loads((stage2_run / f"checkpoint-{STEPS}" / "trainer_state.json").read_text())["global_step"] == STEPS
 
 
 def test_schedule_and_weight_decay_groups(default_run):
     out, _ = default_run
-    checkpoint = out / "coarse" / "checkpoint-6"
-    logged = [e["learning_rate"] for e in json.loads((checkpoint / "trainer_state.json").read_text())["log_history"]]
-    expected = [finetune.warmup_cosine_lr(step, 3e-3, 1e-6, 2, 1e-4, 4, 2) for step in range(6)]
+    checkpoint = out / "checkpoint-6"
+    history = json.loads((checkpoint / "trainer_state.json").read_text())["log_history"]
+    logged = [e["learning_rate"] for e in history if "learning_rate" in e]
+    expected = [warmup_cosine_lr(step, 3e-3, 1e-6, 2, 1e-4, 4, 2) for step in range(6)]
     assert logged == pytest.approx(expected, rel=1e-6)
     assert expected[:3] == pytest.approx([1e-6, 1e-6 + (3e-3 - 1e-6) / 2, 3e-3])  # warm-up from 1e-6
     groups = torch.load(checkpoint / "optimizer.pt", weights_only=True)["param_groups"]
-    trained = finetune.load_trained(out)
+    trained = load_trained(out)
     shapes = [p.shape for n, p in trained.model.named_parameters() if ".mose_" in n or n.startswith("projectors.")]
     assert [g["weight_decay"] for g in groups] == [0.05, 0.0]
     assert [len(g["params"]) for g in groups] == [sum(len(s) >= 2 for s in shapes), sum(len(s) < 2 for s in shapes)]
+
+
+def test_trainer_schedule_learning_rate_and_step_evaluation(tiny, tmp_path):
+    """``--lr_schedule trainer`` hands the schedule to Trainer (``--lr_scheduler_type``), ``--learning_rate`` is the
+    peak, and ``--eval_strategy steps`` evaluates the ``--val_size`` split every ``--eval_steps``."""
+    argv = on_tiny(tiny, "--output_dir", str(tmp_path), "--iters_per_epoch", "4", "--num_train_epochs", "1",
+                   "--lr_schedule", "trainer", "--lr_scheduler_type", "constant", "--learning_rate", "2e-3",
+                   "--warmup_steps", "0", "--logging_steps", "1", "--val_size", "0.1", "--eval_strategy", "steps",
+                   "--eval_steps", "2", "--save_strategy", "steps", "--save_steps", "4", "--eval_annotation", "none",
+                   "--disable_tqdm", "true")  # fmt: skip
+    finetune.main(argv)
+    assert RunConfig.read(tmp_path).stage.learning_rate == 2e-3
+    history = json.loads((tmp_path / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
+    assert [e["learning_rate"] for e in history if "learning_rate" in e] == [2e-3] * 4
+    assert [e["step"] for e in history if "eval_loss" in e] == [2, 4]
+    assert (tmp_path / LOSS_CURVE).is_file()
+
+
+def test_config_file_then_command_line_overrides(tmp_path):
+    config = parse_finetune_args([str(TINY_CONFIG), "--r", "4", "--output_dir", str(tmp_path)])
+    assert config.config_file == TINY_CONFIG and config.model.r == 4 and config.training.learning_rate == 3e-3
+    assert parse_finetune_args(["--output_dir", str(tmp_path)]).config_file == TINY_CONFIG  # the bare default
+    (tmp_path / "run.json").write_text(json.dumps({"tiny_setup": True, "r": 2, "num_train_epochs": 1}))
+    config = parse_finetune_args([str(tmp_path / "run.json"), "--num_train_epochs", "2"])  # HF's args.json convention
+    assert (config.model.r, config.training.num_train_epochs, config.config_file) == (2, 2, tmp_path / "run.json")
+    paper = parse_finetune_args([str(ROOT / "recipes" / "configs" / "merr_stage2.yaml"), "--model_name_or_path", "m",
+                                 "--data_root", "d", "--deepspeed", "", "--bf16", "false"])  # fmt: skip
+    assert (paper.data.stage, paper.training.learning_rate, paper.model.r) == ("fine", 1e-5, 64)
+    (tmp_path / "bad.yaml").write_text("rank: 8\n")
+    with pytest.raises(ValueError, match=r"unknown options \['rank'\]"):
+        parse_finetune_args([str(tmp_path / "bad.yaml")])
+    with pytest.raises(ValueError, match=r"not used by the HfArgumentParser: \['--model_name', 'x'\]"):
+        parse_finetune_args(["--model_name", "x"])  # no abbreviations: --model_name is not --model_name_or_path
+
+
+def test_help_lists_the_recipe_options_first_with_their_defaults(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), "--help"])
+    with pytest.raises(SystemExit):
+        runpy.run_path(str(SCRIPT), run_name="__main__")
+    text = capsys.readouterr().out
+    groups = [text.index(f"\n{name}:") for name in ("model", "data", "schedule", "Trainer (TrainingArguments)")]
+    assert groups == sorted(groups)
+    assert "--r R " in text and "(default: 8)" in text  # the tiny config's values are the defaults shown
 
 
 def test_warmup_cosine_lr_follows_emotion_llama():
     """Linear warm-up within epoch 0, then one cosine value per epoch (LAVIS's linear_warmup_cosine_lr)."""
 
     def lr(step: int) -> float:
-        return finetune.warmup_cosine_lr(step, 2e-5, 1e-6, 1000, 1e-6, 1000, 30)
+        return warmup_cosine_lr(step, 2e-5, 1e-6, 1000, 1e-6, 1000, 30)
 
     assert lr(0) == 1e-6 and lr(500) == pytest.approx((1e-6 + 2e-5) / 2) and lr(999) < 2e-5
     assert lr(1000) == pytest.approx(1e-6 + 19e-6 * 0.5 * (1 + math.cos(math.pi / 30)))
     assert lr(1000) == lr(1999) and lr(15000) == pytest.approx(1e-6 + 19e-6 / 2)
     assert lr(29999) > 1e-6 and all(lr(e * 1000) > lr((e + 1) * 1000) for e in range(1, 29))
-    assert finetune.warmup_cosine_lr(7, 2e-5, 1e-6, 5, 1e-6, 100, 3) == 2e-5  # warm-up over, rest of epoch 0
+    assert warmup_cosine_lr(7, 2e-5, 1e-6, 5, 1e-6, 100, 3) == 2e-5  # warm-up over, rest of epoch 0
 
 
 def test_projector_and_adapter_parameters_get_gradients(tiny):  # noqa: F811
     spec = FeatureSpec.from_dir(tiny.data.root)
     tokenizer = load_tokenizer(tiny.model_dir)
-    model_args = finetune.ModelArguments(model_name_or_path=str(tiny.model_dir), r=4, lora_dropout=0.0)
+    model_args = ModelArguments(model_name_or_path=str(tiny.model_dir), r=4, lora_dropout=0.0)
     torch.manual_seed(0)
-    model = finetune.build_model(model_args, tiny.model_dir, spec, tokenizer)
+    model = build_model(model_args, tiny.model_dir, spec, tokenizer)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".mose_" in n or n.startswith("projectors.") for n in trainable)
     assert {n.split(".")[1] for n in trainable if n.startswith("projectors.")} == {
         "eva_patch", "eva_cls", "face", "video", "audio"
     }  # fmt: skip
     assert {n.split(".mose_")[1].split(".")[0] for n in trainable if ".mose_" in n} >= {"A", "B", "gate", "router"}
-    stage = finetune.Stage("coarse", tiny.data.coarse_txt, ("emotion", "reason"), 1e-3)
-    dataset = finetune.stage_dataset(stage, tiny.data.root, skip_missing=False)
+    dataset = finetune.open_dataset(tiny.data.coarse_txt, tiny.data.root, ("emotion", "reason"), skip_missing=False)
     collate = MERRCollator(PromptEncoder(tokenizer, spec.n_patch_tokens))
     optimizer = torch.optim.AdamW(trainable.values(), lr=1e-2)
     for step in range(3):  # B starts at zero and the router's output layer too: A and f get gradients from step 2
@@ -149,15 +233,16 @@ def test_projector_and_adapter_parameters_get_gradients(tiny):  # noqa: F811
     assert not no_grad
 
 
-def test_audio_repeat_reaches_training_and_reloading(tmp_path):
-    argv = ["--stages", "fine", "--iters_per_epoch", "2", "--num_train_epochs", "1", "--warmup_steps", "1",
-            "--save_strategy", "no", "--eval_annotation", "none", "--audio_repeat", "5"]  # fmt: skip
-    finetune.main(["--output_dir", str(tmp_path), *argv])
-    batch, logits = finetune.read_reference_outputs(tmp_path / finetune.REFERENCE_FILE)
+def test_audio_repeat_reaches_training_and_reloading(tiny, tmp_path):
+    argv = on_tiny(tiny, "--stage", "fine", "--iters_per_epoch", "2", "--num_train_epochs", "1", "--warmup_steps",
+                   "1", "--save_strategy", "no", "--eval_annotation", "none", "--eval_strategy", "no", "--val_size",
+                   "0", "--audio_repeat", "5", "--output_dir", str(tmp_path))  # fmt: skip
+    finetune.main(argv)
+    batch, logits = read_reference_outputs(tmp_path / REFERENCE_FILE)
     assert ((batch["modality_ids"] == Modality.AUDIO).sum(dim=1) == 5).all()
     assert ((batch["modality_ids"] == Modality.VISUAL).sum(dim=1) == 259).all()
-    trained = finetune.load_trained(tmp_path)
-    assert trained.encoder.audio_repeat == 5 and trained.run_config["audio_repeat"] == 5
+    trained = load_trained(tmp_path)
+    assert trained.encoder.audio_repeat == 5 and trained.run_config.audio_repeat == 5
     with torch.no_grad():
         assert torch.equal(trained.model(**batch).logits, logits)
 
@@ -165,56 +250,54 @@ def test_audio_repeat_reaches_training_and_reloading(tmp_path):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--learning_rate", "1e-4"], "--coarse_learning_rate"),
-        (["--lr_scheduler_type", "linear"], "not supported"),
-        (["--model_name_or_path", "llama"], "--data_root together"),
-        (["--data_root", "merr"], "--data_root together"),
+        (["--lr_scheduler_type", "cosine"], "add --lr_schedule trainer"),
+        (["--model_name_or_path", "llama", "--tiny_setup", "false"], "--data_root together"),
+        (["--model_name_or_path", "llama", "--data_root", "merr"], "--tiny_setup writes its own"),
         (["--projector_checkpoint", "a.pth", "--init_from", "run"], "not both"),
         (["--iters_per_epoch", "10", "--warmup_steps", "11"], "first epoch"),
         (["--iters_per_epoch", "0"], "--iters_per_epoch must be >= 1"),
-        (["--fine_learning_rate", "0"], "--fine_learning_rate must be > 0"),
+        (["--learning_rate", "0"], "--learning_rate must be > 0"),
         (["--audio_repeat", "0"], "--audio_repeat must be >= 1"),
+        (["--stage", "both"], "--stage must be one of"),
+        (["--val_size", "0", "--eval_strategy", "steps"], "give --val_size"),
+        (["--val_size", "2.5"], "--val_size must be a fraction"),
+        (["--remove_unused_columns", "true"], "must stay false"),
     ],
 )
 def test_bad_arguments_are_refused(argv, message):
     with pytest.raises(ValueError, match=message):
-        finetune.check_args(*finetune.parse_args(["--output_dir", "unused", *argv]))
+        check_args(parse_finetune_args([str(TINY_CONFIG), "--output_dir", "unused", *argv]))
 
 
-def test_bad_stages_tasks_and_resume_paths_are_refused(tmp_path):
-    model_args, data_args, args = finetune.parse_args(["--output_dir", str(tmp_path), "--stages", "coarse,coarse"])
-    with pytest.raises(ValueError, match="each once"):
-        finetune.parse_stages(data_args, args, tmp_path)
-    _, data_args, _ = finetune.parse_args(["--stages", "fine", "--tasks", "emotion,sing"])
+def test_bad_tasks_validation_sizes_and_resume_paths_are_refused(tiny, tmp_path):
     with pytest.raises(ValueError, match="known tasks"):
-        finetune.parse_stages(data_args, args, tmp_path)
-    stages = finetune.parse_stages(finetune.DataArguments(), args, tmp_path)
-    (tmp_path / "elsewhere" / "checkpoint-3").mkdir(parents=True)
-    with pytest.raises(ValueError, match="checkpoint folder of this run's stages"):
-        finetune.resume_stage(str(tmp_path / "elsewhere" / "checkpoint-3"), tmp_path, stages)
-    (tmp_path / "fine" / "checkpoint-3").mkdir(parents=True)
-    assert finetune.resume_stage(str(tmp_path / "fine" / "checkpoint-3"), tmp_path, stages) == 1
+        finetune.main(on_tiny(tiny, "--tasks", "emotion,sing", "--output_dir", str(tmp_path)))
+    with pytest.raises(ValueError, match="validation and training both need at least one"):
+        finetune.main(on_tiny(tiny, "--val_size", "5000", "--output_dir", str(tmp_path)))
     with pytest.raises(FileNotFoundError, match="holds no trained model"):
-        finetune.load_trained_weights(None, tmp_path)
+        load_trained_weights(None, tmp_path)
+    with pytest.raises(ValueError, match="format"):
+        (tmp_path / "run_config.json").write_text(json.dumps({"stages": []}))
+        RunConfig.read(tmp_path)
 
 
 def test_resume_ends_in_the_state_of_the_uninterrupted_run(default_run, tmp_path, monkeypatch):
-    """Interrupted after 3 steps of stage coarse (``--max_steps 3``), resumed from checkpoint-3: the final model of
-    both stages equals the uninterrupted default run's, and the resumed run trains only the remaining steps."""
+    """Interrupted after 3 steps (``--max_steps 3``), resumed from checkpoint-3: the final model equals the
+    uninterrupted default run's, and the resumed run trains only the remaining steps."""
     uninterrupted, _ = default_run
     common = ["--output_dir", str(tmp_path), *SHORT, "--eval_annotation", "none"]
-    finetune.main([*common, "--stages", "coarse", "--max_steps", "3"])
+    finetune.main([*common, "--max_steps", "3"])
     steps = []
-    training_step = finetune.MoSETrainer.training_step
+    training_step = MoSETrainer.training_step
 
     def counted_training_step(self, *args, **kwargs):
         steps.append(self.state.global_step)
         return training_step(self, *args, **kwargs)
 
-    monkeypatch.setattr(finetune.MoSETrainer, "training_step", counted_training_step)
-    finetune.main([*common, "--resume_from_checkpoint", str(tmp_path / "coarse" / "checkpoint-3")])
-    assert steps == [*range(3, STEPS_PER_STAGE), *range(STEPS_PER_STAGE)]  # coarse from step 3, then all of fine
-    for path in ("coarse/projectors.safetensors", "adapter/adapter_model.safetensors", "projectors.safetensors"):
+    monkeypatch.setattr(MoSETrainer, "training_step", counted_training_step)
+    finetune.main([*common, "--resume_from_checkpoint", str(tmp_path / "checkpoint-3")])
+    assert steps == list(range(3, STEPS))
+    for path in ("adapter/adapter_model.safetensors", "projectors.safetensors"):
         resumed, reference = load_file(str(tmp_path / path)), load_file(str(uninterrupted / path))
         assert resumed.keys() == reference.keys()
         for key in reference:
@@ -259,8 +342,8 @@ def run_deepspeed(
 
 
 def _assert_reload_matches(out: Path, atol: float) -> None:
-    trained = finetune.load_trained(out)
-    batch, logits = finetune.read_reference_outputs(out / finetune.REFERENCE_FILE)
+    trained = load_trained(out)
+    batch, logits = read_reference_outputs(out / REFERENCE_FILE)
     with torch.no_grad():
         torch.testing.assert_close(trained.model(**batch).logits, logits, rtol=0, atol=atol)
 
@@ -272,12 +355,12 @@ def test_deepspeed_launcher_one_process(tmp_path, extensions_dir, config):
     with_config = ["--deepspeed", str(ROOT / "recipes" / "configs" / config)] if config else []
     run_deepspeed([], ["--output_dir", str(tmp_path), *SHORT, *with_config], extensions_dir)
     assert json.loads((tmp_path / "eval" / "scores.json").read_text())["scores"]["overall"]["num_samples"] == 60
-    checkpoint = tmp_path / "fine" / f"checkpoint-{STEPS_PER_STAGE}"
+    checkpoint = tmp_path / f"checkpoint-{STEPS}"
     assert (checkpoint / "adapter" / "adapter_model.safetensors").is_file()
-    assert (checkpoint / f"global_step{STEPS_PER_STAGE}").is_dir() == bool(config)  # DeepSpeed's engine state
+    assert (checkpoint / f"global_step{STEPS}").is_dir() == bool(config)  # DeepSpeed's engine state
     _assert_reload_matches(tmp_path, atol=1e-5)  # the subprocess ran with one thread, this one may use more
     if config:  # DeepSpeed unpickles its engine state (weights_only=False): the manifest refuses a planted file first
-        planted = checkpoint / f"global_step{STEPS_PER_STAGE}" / "mp_rank_00_model_states.pt"
+        planted = checkpoint / f"global_step{STEPS}" / "mp_rank_00_model_states.pt"
         planted.write_bytes(pickle.dumps(_Planted(tmp_path / "unpickled")))
         resume = ["--output_dir", str(tmp_path), *SHORT, *with_config, "--resume_from_checkpoint", str(checkpoint)]
         done = run_deepspeed([], resume, extensions_dir, check=False)
@@ -316,18 +399,17 @@ def test_deepspeed_zero3_two_ranks_shard_save_and_resume(tmp_path, extensions_di
     script_args = ["--deepspeed", str(tmp_path / "zero3.json"), *SHORT]
     run_deepspeed(["--num_accelerators", "2"], [*script_args, "--output_dir", str(out)], extensions_dir, RECORDER)
     run_config = json.loads((out / "run_config.json").read_text())
-    assert run_config["training"]["deepspeed"] == str(tmp_path / "zero3.json")
+    assert run_config["arguments"]["training"]["deepspeed"] == str(tmp_path / "zero3.json")
     assert run_config["world_size"] == 2
     batches = _recorded_batches(out, world=2)
-    assert sorted(batches) == [(stage, step) for stage in ("coarse", "fine") for step in range(STEPS_PER_STAGE)]
-    for (stage, step), ranks in batches.items():
-        assert ranks[0] != ranks[1], f"both ranks trained on the same batch at {stage} step {step}"
-    for stage in ("coarse", "fine"):  # each epoch: 4 steps x 2 ranks = the sampler's 8 batches, each once
-        for epoch in range(2):
-            names = [tuple(n) for step in range(4 * epoch, 4 * epoch + 4) for _, n in batches[(stage, step)]]
-            assert len(set(names)) == len(names)
+    assert sorted(batches) == [("run", step) for step in range(STEPS)]
+    for (_, step), ranks in batches.items():
+        assert ranks[0] != ranks[1], f"both ranks trained on the same batch at step {step}"
+    for epoch in range(2):  # each epoch: 4 steps x 2 ranks = the sampler's 8 batches, each once
+        names = [tuple(n) for step in range(4 * epoch, 4 * epoch + 4) for _, n in batches[("run", step)]]
+        assert len(set(names)) == len(names)
 
-    reference = finetune.load_trained(out).model  # shapes of a model built from the base and the adapter config
+    reference = load_trained(out).model  # shapes of a model built from the base and the adapter config
     expected = {k: v.shape for k, v in get_peft_model_state_dict(reference.llm).items()}
     adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     assert {k: v.shape for k, v in adapter.items()} == expected
@@ -342,12 +424,12 @@ def test_deepspeed_zero3_two_ranks_shard_save_and_resume(tmp_path, extensions_di
     # the run's own outputs only: a checkpoint with a file left out would be refused on resume
     outputs = shutil.ignore_patterns("adapter", "*.safetensors", "batches_rank*", "eval")
     shutil.copytree(out, resumed, ignore=lambda folder, names: outputs(folder, names) if Path(folder) == out else set())
-    checkpoint = resumed / "fine" / "checkpoint-6"  # step 6 of 8: epoch 1, after 2 of its 4 steps
+    checkpoint = resumed / "checkpoint-6"  # step 6 of 8: epoch 1, after 2 of its 4 steps
     assert (checkpoint / "global_step6").is_dir()  # DeepSpeed's engine state, which the resumed run loads
     resume_args = [*script_args, "--output_dir", str(resumed), "--resume_from_checkpoint", str(checkpoint)]
     run_deepspeed(["--num_accelerators", "2"], [*resume_args, "--eval_annotation", "none"], extensions_dir, RECORDER)
     resumed_batches = _recorded_batches(resumed, world=2)
-    assert resumed_batches == {key: batches[key] for key in [("fine", 6), ("fine", 7)]}
+    assert resumed_batches == {("resumed", step): batches[("run", step)] for step in (6, 7)}
     for name in ("adapter/adapter_model.safetensors", "projectors.safetensors"):
         got, want = load_file(str(resumed / name)), load_file(str(out / name))
         assert got.keys() == want.keys()
@@ -356,11 +438,10 @@ def test_deepspeed_zero3_two_ranks_shard_save_and_resume(tmp_path, extensions_di
 
 
 def test_evaluate_runs_the_trained_model_with_and_without_attention_reallocation(default_run, tmp_path):
-    from recipes import evaluate
 
     out, trained_result = default_run
     eval_dir = tmp_path / "eval"
-    assert evaluate.main(["--task", "recognition", "--run_dir", str(out), "--out_dir", str(eval_dir),
+    assert evaluate_cli.main(["--task", "recognition", "--run_dir", str(out), "--out_dir", str(eval_dir),
                           "--strategies", "none,ar,pai", "--tau", "0", "--max_new_tokens", "3"]) == 0
     table = (eval_dir / "scores.md").read_text()
     assert all(name in table for name in ("| MoSE |", "| MoSE + AR |", "| MoSE + PAI |"))
@@ -372,11 +453,10 @@ def test_evaluate_runs_the_trained_model_with_and_without_attention_reallocation
 
 
 def test_evaluate_generates_and_scores_reasoning_with_a_trained_run(default_run, tmp_path):
-    from recipes import evaluate
 
     out, _ = default_run
     eval_dir = tmp_path / "eval"
-    assert evaluate.main(["--task", "reasoning", "--run_dir", str(out), "--out_dir", str(eval_dir), "--name", "MoSEAR",
+    assert evaluate_cli.main(["--task", "reasoning", "--run_dir", str(out), "--out_dir", str(eval_dir), "--name", "MoSEAR",
                           "--strategies", "none,ar", "--tau", "0", "--max_new_tokens", "8"]) == 0  # fmt: skip
     summary = json.loads((eval_dir / "scores.json").read_text())
     assert [row["name"] for row in summary] == ["MoSEAR", "MoSEAR + AR"]
@@ -399,11 +479,10 @@ def test_evaluate_generates_and_scores_reasoning_with_a_trained_run(default_run,
     ],
 )
 def test_evaluate_model_mode_rejects_bad_options(default_run, tmp_path, capsys, argv, message):
-    from recipes import evaluate
 
     out, _ = default_run
     base = ["--task", "recognition", "--run_dir", str(out), "--out_dir", str(tmp_path / "eval")]
     with pytest.raises(SystemExit):
-        evaluate.main(base + argv)
+        evaluate_cli.main(base + argv)
     assert message in capsys.readouterr().err
     assert not (tmp_path / "eval").exists()

@@ -21,11 +21,13 @@ from torch import nn
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
 from recipe_helpers import coarse_dataset
-from recipes import evaluate
-from recipes import merr_finetune as finetune
-from recipes.emotion_llama.model import EmotionLlama
-from recipes.guards import NonFiniteError, NonFiniteGuard
-from recipes.integrity import (
+from mosear_recipes import scoring
+from mosear_recipes import finetune
+from mosear_recipes.arguments import TINY_CONFIG
+from mosear_recipes.modeling import load_trained
+from mosear_recipes.emotion_llama.model import EmotionLlama
+from mosear_recipes.guards import NonFiniteError, NonFiniteGuard
+from mosear_recipes.integrity import (
     MANIFEST,
     CheckpointError,
     CheckpointManifests,
@@ -35,25 +37,25 @@ from recipes.integrity import (
     save_failure,
     write_manifest,
 )
-from recipes.merr.readers import SampleError, read_annotations, read_captions, read_subtitles
-from recipes.merr.synthetic import write_synthetic_merr
+from mosear_recipes.merr.readers import SampleError, read_annotations, read_captions, read_subtitles
+from mosear_recipes.merr.synthetic import write_synthetic_merr
 
 ROOT = Path(__file__).resolve().parents[1]
 KILLER = ROOT / "tests" / "kill_while_saving.py"
-# Stage coarse only, 4 steps of batch 2, a checkpoint every 2 steps (2 kept): checkpoint-2, -4.
-SHORT = ["--stages", "coarse", "--per_device_train_batch_size", "2", "--iters_per_epoch", "2", "--num_train_epochs",
+# 4 steps of batch 2, a checkpoint every 2 steps (2 kept): checkpoint-2, -4.
+SHORT = ["--per_device_train_batch_size", "2", "--iters_per_epoch", "2", "--num_train_epochs",
          "2", "--warmup_steps", "1", "--save_strategy", "steps", "--save_steps", "2", "--logging_steps", "1",
          "--eval_annotation", "none", "--disable_tqdm", "true"]  # fmt: skip
 
 
 def run_args(tiny, out: Path, *extra: str) -> list[str]:
-    """The command line of a short stage-coarse run on the session's tiny setup."""
-    setup = ["--model_name_or_path", str(tiny.model_dir), "--data_root", str(tiny.data.root)]
-    return ["--output_dir", str(out), *setup, *finetune.TINY_DEFAULTS, *SHORT, *extra]
+    """The command line of a short run of the tiny config on the session's tiny setup."""
+    setup = ["--tiny_setup", "false", "--model_name_or_path", str(tiny.model_dir), "--data_root", str(tiny.data.root)]
+    return [str(TINY_CONFIG), "--output_dir", str(out), *setup, *SHORT, *extra]
 
 
 def checkpoint(out: Path, step: int) -> Path:
-    return out / "coarse" / f"checkpoint-{step}"
+    return out / f"checkpoint-{step}"
 
 
 @pytest.fixture(scope="module")
@@ -77,11 +79,11 @@ def test_a_run_killed_while_saving_resumes_from_the_newest_intact_checkpoint(kil
     assert not (checkpoint(as_killed, 4) / MANIFEST).exists() and (checkpoint(as_killed, 2) / MANIFEST).is_file()
     with pytest.raises(CheckpointError, match=r"checkpoint-4/manifest.json is missing: the checkpoint was never finis"
                        r".*The newest intact checkpoint is .*checkpoint-2"):  # fmt: skip
-        resolve_resume(str(checkpoint(as_killed, 4)), as_killed, ["coarse"])
-    assert resolve_resume("True", as_killed, ["coarse"]) == str(checkpoint(as_killed, 2))
+        resolve_resume(str(checkpoint(as_killed, 4)), as_killed)
+    assert resolve_resume("True", as_killed) == str(checkpoint(as_killed, 2))
     # The resumed run picked checkpoint-2 and saved checkpoint-4 again, whole, with its manifest.
-    assert [p.name for p in sorted((resumed / "coarse").iterdir())] == ["checkpoint-2", "checkpoint-4"]
-    assert resolve_resume(str(checkpoint(resumed, 4)), resumed, ["coarse"]) == str(checkpoint(resumed, 4))
+    assert [p.name for p in sorted(resumed.glob("checkpoint-*"))] == ["checkpoint-2", "checkpoint-4"]
+    assert resolve_resume(str(checkpoint(resumed, 4)), resumed) == str(checkpoint(resumed, 4))
     assert json.loads((checkpoint(resumed, 4) / "trainer_state.json").read_text())["global_step"] == 4
 
 
@@ -108,8 +110,8 @@ def test_a_damaged_checkpoint_is_refused_before_anything_is_loaded(killed_and_re
     with pytest.raises(CheckpointError, match=rf"Refusing to resume from .*checkpoint-4.*{damaged}.*"
                        r"The newest intact checkpoint is .*checkpoint-2"):  # fmt: skip
         finetune.main([*run_args(tiny, run), "--resume_from_checkpoint", str(checkpoint(run, 4))])
-    assert resolve_resume("True", run, ["coarse"]) == str(checkpoint(run, 2))
-    assert sorted(p.name for p in (run / "coarse").iterdir()) == ["checkpoint-2", "checkpoint-4"]  # nothing deleted
+    assert resolve_resume("True", run) == str(checkpoint(run, 2))
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]  # nothing deleted
 
 
 def test_a_nan_feature_value_is_refused_when_the_dataset_is_built(tmp_path):
@@ -144,8 +146,8 @@ def test_a_nan_loss_stops_training_before_it_is_saved(tiny, tmp_path, monkeypatc
     monkeypatch.setattr(EmotionLlama, "forward", poisoned)
     with pytest.raises(NonFiniteError, match=r"Non-finite training loss \(nan\) at step 2 .*batch sample_\d+"):
         finetune.main(run_args(tiny, tmp_path, "--save_steps", "1"))
-    assert [p.name for p in (tmp_path / "coarse").iterdir()] == ["checkpoint-1"]
-    assert resolve_resume("True", tmp_path, ["coarse"]) == str(checkpoint(tmp_path, 1))
+    assert [p.name for p in tmp_path.glob("checkpoint-*")] == ["checkpoint-1"]
+    assert resolve_resume("True", tmp_path) == str(checkpoint(tmp_path, 1))
     assert not (tmp_path / "adapter").exists()  # no final model either
 
 
@@ -181,8 +183,8 @@ def test_a_full_disk_while_saving_names_the_checkpoint_and_loses_nothing(tiny, t
                        r"What it had written was removed; nothing saved before was lost\. The newest intact "
                        r"checkpoint is .*checkpoint-1"):  # fmt: skip
         finetune.main(run_args(tiny, tmp_path, "--save_steps", "1"))
-    assert [p.name for p in (tmp_path / "coarse").iterdir()] == ["checkpoint-1"]
-    assert resolve_resume("True", tmp_path, ["coarse"]) == str(checkpoint(tmp_path, 1))
+    assert [p.name for p in tmp_path.glob("checkpoint-*")] == ["checkpoint-1"]
+    assert resolve_resume("True", tmp_path) == str(checkpoint(tmp_path, 1))
 
 
 def test_rotation_follows_the_manifest_and_never_deletes_the_checkpoint_just_written(tmp_path):
@@ -193,7 +195,7 @@ def test_rotation_follows_the_manifest_and_never_deletes_the_checkpoint_just_wri
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
     CheckpointManifests(save_total_limit=2).on_save(args, TrainerState(global_step=3), TrainerControl())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1", "checkpoint-3"]
-    assert (tmp_path / "checkpoint-3" / MANIFEST).is_file() and newest_intact([tmp_path]) == tmp_path / "checkpoint-3"
+    assert (tmp_path / "checkpoint-3" / MANIFEST).is_file() and newest_intact(tmp_path) == tmp_path / "checkpoint-3"
     CheckpointManifests(save_total_limit=1).on_save(args, TrainerState(global_step=3), TrainerControl())
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-3"]
 
@@ -218,10 +220,10 @@ def test_torch_write_failures_count_as_a_full_disk(tmp_path):
 )
 def test_a_bad_adapter_config_names_the_file(killed_and_resumed, tmp_path, config, message):
     run = tmp_path / "run"
-    shutil.copytree(killed_and_resumed[1], run, ignore=shutil.ignore_patterns("coarse"))
+    shutil.copytree(killed_and_resumed[1], run, ignore=shutil.ignore_patterns("checkpoint-*"))
     (run / "adapter" / "adapter_config.json").write_text(config)
     with pytest.raises(ValueError, match=message):
-        finetune.load_trained(run)
+        load_trained(run)
     with pytest.raises(FileNotFoundError, match=r"adapter_config.json does not exist"):
         check_adapter_dir(tmp_path)
 
@@ -234,7 +236,7 @@ def test_latin1_bytes_name_the_file_and_line(tmp_path):
     predictions = tmp_path / "preds.jsonl"
     predictions.write_bytes(b'{"id": "a", "prediction": "happy"}\n{"id": "b", "prediction": "s\xe9d"}\n')
     with pytest.raises(ValueError, match=rf"{predictions}, line 2, column 29: byte 0xe9"):
-        evaluate.load_predictions(predictions)
+        scoring.load_predictions(predictions)
 
 
 def test_labels_of_the_wrong_length_are_refused_with_both_shapes():
@@ -247,9 +249,8 @@ def test_labels_of_the_wrong_length_are_refused_with_both_shapes():
 
 
 def test_a_missing_caption_file_is_named(tiny, tmp_path):
-    stage = finetune.Stage("coarse", tiny.data.coarse_txt, ("emotion", "reason"), 1e-3)
     with pytest.raises(FileNotFoundError, match=rf"Caption file {tmp_path}/MERR_coarse_grained.json does not exist"):
-        finetune.stage_dataset(stage, tmp_path, skip_missing=False)
+        finetune.open_dataset(tiny.data.coarse_txt, tmp_path, ("emotion", "reason"), skip_missing=False)
 
 
 def test_duplicates_are_refused(tmp_path):
@@ -270,11 +271,11 @@ def test_duplicates_are_refused(tmp_path):
         read_captions(captions, "caption")
 
 
-def test_answers_that_fall_back_to_neutral_are_counted_and_reported(capsys):
-    references = [evaluate.Reference(i, label=label) for i, label in (("a", "happy"), ("b", "sad"), ("c", "neutral"))]
+def test_answers_that_fall_back_to_neutral_are_counted_and_reported(caplog):
+    references = [scoring.Reference(i, label=label) for i, label in (("a", "happy"), ("b", "sad"), ("c", "neutral"))]
     predictions = {"a": "happy", "b": "I cannot tell", "c": "it is neutral"}
-    result, rows = evaluate.score(predictions, references, evaluate.ScoringConfig("recognition"))
+    result, rows = scoring.score(predictions, references, scoring.ScoringConfig("recognition"))
     assert result["fallback"] == {"label": "neutral", "count": 1}  # "neutral" said outright is no fallback
     assert [row["fallback"] for row in rows] == [False, True, False]
-    evaluate.warn_skipped(rows, "recognition")
-    assert "warning: 1 of 3 answers name no label and are scored as 'neutral': 'b'" in capsys.readouterr().err
+    scoring.warn_skipped(rows, "recognition")
+    assert "1 of 3 answers name no label and are scored as 'neutral': 'b'" in caplog.text

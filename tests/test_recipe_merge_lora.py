@@ -5,24 +5,25 @@ to the merged base, the reloaded run on the same base, and the argument checks."
 from __future__ import annotations
 
 import dataclasses
-import json
+import logging
 import re
 
 import pytest
 import torch
 
-from recipes.emotion_llama.checkpoint import merge_lora_checkpoint
-from recipes.emotion_llama.model import load_llm, load_tokenizer
-from recipes.merr_finetune import (
+from mosear_recipes.emotion_llama.checkpoint import merge_lora_checkpoint
+from mosear_recipes.emotion_llama.model import load_llm, load_tokenizer
+from mosear_recipes.arguments import (
     DataArguments,
     FinetuneArguments,
+    FinetuneConfig,
     ModelArguments,
-    RUN_CONFIG,
-    build_model,
+    ScheduleArguments,
     check_args,
-    load_trained,
-    save_trained,
 )
+from mosear_recipes.modeling import build_model, load_trained
+from mosear_recipes.run_config import RunConfig, StageConfig
+from mosear_recipes.trainer import save_trained
 from test_evaluate_model import checkpoint, weights  # noqa: F401 (module fixtures)
 
 SCALE = 16 / 64  # Emotion-LLaMA's LoRA: alpha 16, r 64
@@ -60,13 +61,14 @@ def test_merged_weights_are_the_base_plus_b_a_alpha_over_r(tiny, weights, checkp
 
 
 def test_mose_at_init_on_the_merged_base_equals_the_merged_base(
-    tiny, weights, checkpoint, tmp_path, capsys  # noqa: F811
+    tiny, weights, checkpoint, tmp_path, caplog  # noqa: F811
 ):
+    caplog.set_level(logging.INFO, logger="mosear_recipes")
     model_args = ModelArguments(model_name_or_path=str(tiny.model_dir), projector_checkpoint=str(checkpoint),
                                 merge_checkpoint_lora=True, r=8)  # fmt: skip
     tokenizer = load_tokenizer(tiny.model_dir)
     model = build_model(model_args, tiny.model_dir, tiny.data.spec, tokenizer).eval()
-    assert f"LoRA checkpoint {checkpoint}: loaded 8 tensors" in capsys.readouterr().out
+    assert f"LoRA checkpoint {checkpoint}: loaded 8 tensors" in caplog.text
     tokens = ids(tiny)
     with torch.no_grad():
         logits = model.llm(input_ids=tokens).logits
@@ -87,23 +89,26 @@ def test_mose_at_init_on_the_merged_base_equals_the_merged_base(
                 param.normal_(std=0.05)  # a trained adapter, so that the reload is no identity by accident
         trained = model.llm(input_ids=tokens).logits
     save_trained(model, tmp_path)
-    run_config = {"model_name_or_path": str(tiny.model_dir), "feature_spec": dataclasses.asdict(tiny.data.spec),
-                  "audio_repeat": 1, "model": dataclasses.asdict(model_args)}  # fmt: skip
-    (tmp_path / RUN_CONFIG).write_text(json.dumps(run_config))
+    RunConfig(model_name_or_path=str(tiny.model_dir), data_root=str(tiny.data.root), feature_spec=tiny.data.spec,
+              audio_repeat=1, stage=StageConfig("coarse", "a.txt", ("emotion",), 1e-3), world_size=1,
+              merged_lora_checkpoint=str(checkpoint)).write(tmp_path)  # fmt: skip
     reloaded = load_trained(tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(reloaded.model.llm(input_ids=tokens).logits, trained, atol=1e-5, rtol=1e-5)
 
 
 def test_merge_arguments_are_checked(tiny, tmp_path):
-    data_args, args = DataArguments(), FinetuneArguments(output_dir=str(tmp_path))
+    data_args, args = DataArguments(tiny_setup=True), FinetuneArguments(output_dir=str(tmp_path))
+
+    def config(**model: object) -> FinetuneConfig:
+        return FinetuneConfig(ModelArguments(**model), data_args, ScheduleArguments(), args)
+
     with pytest.raises(ValueError, match="--merge_checkpoint_lora merges the LoRA of --projector_checkpoint"):
-        check_args(ModelArguments(merge_checkpoint_lora=True), data_args, args)
+        check_args(config(merge_checkpoint_lora=True))
     with pytest.raises(ValueError, match="not both"):
-        check_args(ModelArguments(projector_checkpoint="a.pth", init_from="run"), data_args, args)
-    # stage 2 alone on the merged base: projectors and adapter from the run, the LoRA from the checkpoint
-    check_args(ModelArguments(projector_checkpoint="a.pth", init_from="run", merge_checkpoint_lora=True), data_args,
-               args)  # fmt: skip
+        check_args(config(projector_checkpoint="a.pth", init_from="run"))
+    # stage 2 on the merged base: projectors and adapter from the run, the LoRA from the checkpoint
+    check_args(config(projector_checkpoint="a.pth", init_from="run", merge_checkpoint_lora=True))
     projectors_only = tmp_path / "projectors_only.pth"
     torch.save({"model": {"llama_proj.bias": torch.zeros(64)}}, projectors_only)
     with pytest.raises(ValueError, match="holds no LoRA weights of the LLM to merge"):

@@ -7,7 +7,7 @@ import csv
 from pathlib import Path
 
 from peft_mose.metrics import normalize_subset
-from recipes.evaluate import Reference
+from mosear_recipes.scoring import Reference
 
 from .dataset import MERRDataset
 from .synthetic import FILES

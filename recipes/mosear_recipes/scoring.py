@@ -1,45 +1,25 @@
-"""Score emotion predictions and report them like the MoSEAR paper (Tables 1 and 7 for reasoning, 3 and 4 for
-recognition): a markdown table on stdout, ``scores.json``, ``scores.md``, ``per_sample.jsonl`` and ``scores.png``.
-
-Scoring an existing predictions file (no model needed)::
-
-    python recipes/evaluate.py --predictions preds.jsonl --references refs.jsonl --out_dir out/eval
-    python recipes/evaluate.py --predictions preds.jsonl --references refs.jsonl --out_dir out/eval \\
-        --task recognition --labels mer2023 --parser robust
-
-Generating the answers first, with a run of ``recipes/merr_finetune.py`` (MoSE) or the base model (Emotion-LLaMA),
-with and without attention reallocation (PAI for comparison), on the recognition or the reasoning prompt::
-
-    python recipes/evaluate.py --task recognition --run_dir out/merr --out_dir out/eval --strategies none,ar,pai
-    python recipes/evaluate.py --task reasoning --model_name_or_path Llama-2-7b-chat-hf --data_root MERR \
-        --projector_checkpoint Emotion_LLaMA.pth --annotation test.txt --out_dir out/eval --strategies none,ar
-
-File formats: ``docs/evaluation.md``.
-"""
+"""Score emotion predictions like the MoSEAR paper (Tables 1 and 7 for reasoning, 3 and 4 for recognition) and
+write the report: ``scores.json``, ``scores.md``, ``per_sample.jsonl`` and ``scores.png``. File formats:
+``docs/evaluation.md``; the command line: ``recipes/merr_evaluate.py``."""
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import reduce
 from operator import getitem
 from pathlib import Path
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from tqdm import tqdm
 
 from peft_mose._versions import environment
 from peft_mose.metrics import (
     DEFAULT_GROUPING,
-    LABEL_PARSERS,
     Grouping,
     audio_video_gap,
     extract_emotion_words,
-    load_grouping,
     make_label_parser,
     normalize_subset,
     normalize_word,
@@ -51,21 +31,12 @@ from peft_mose.metrics import (
     vocabulary_of,
 )
 
-REPO_ROOT = str(Path(__file__).resolve().parents[1])
-if REPO_ROOT not in sys.path:  # run as a script: `recipes` is a folder of scripts, not an installed package
-    sys.path.insert(0, REPO_ROOT)
+from .plots import HEADERS, METRICS, SUBSET_TITLES, plot_scores
+from .textfiles import parse_json, read_text
 
-from recipes.textfiles import parse_json, read_text  # noqa: E402
+logger = logging.getLogger(__name__)
 
 TASKS = ("reasoning", "recognition")
-METRICS = {"reasoning": ("accuracy", "recall", "average"), "recognition": ("accuracy", "weighted_f1", "uar", "war")}
-_HEADERS = {"accuracy": "Acc.", "recall": "Rec.", "average": "Avg.", "weighted_f1": "W-F1", "uar": "UAR", "war": "WAR"}
-_TITLES = {
-    "video_aligned": "Video-Aligned",
-    "audio_aligned": "Audio-Aligned",
-    "consistent": "Consistent",
-    "overall": "Overall",
-}
 _SHOWN_IDS = 5
 FALLBACK_LABEL = "neutral"  # Emotion-LLaMA's label for an answer that names none
 
@@ -300,10 +271,10 @@ def _columns(result: Mapping[str, object]) -> list[tuple[str, tuple[str, ...]]]:
         for label in scores["overall"]["per_class_recall"]:
             columns.append((label.capitalize(), ("scores", "overall", "per_class_recall", label)))
     for subset in scores:
-        prefix = "" if list(scores) == ["overall"] else f"{_TITLES[subset]} "
-        columns += [(prefix + _HEADERS[m], ("scores", subset, m)) for m in metrics]
+        prefix = "" if list(scores) == ["overall"] else f"{SUBSET_TITLES[subset]} "
+        columns += [(prefix + HEADERS[m], ("scores", subset, m)) for m in metrics]
     if result["gap"] is not None:
-        columns += [(f"Gap A-V {_HEADERS[m]}", ("gap", m)) for m in metrics]
+        columns += [(f"Gap A-V {HEADERS[m]}", ("gap", m)) for m in metrics]
     return columns
 
 
@@ -320,34 +291,6 @@ def markdown_table(rows: Sequence[tuple[str, Mapping[str, object]]]) -> str:
         cells = [f"{100 * reduce(getitem, keys, result):{'+' if keys[0] == 'gap' else ''}.2f}" for _, keys in columns]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-
-
-def plot_scores(rows: Sequence[tuple[str, Mapping[str, object]]], path: str | Path) -> None:
-    """PNG bar chart: one panel per metric, subsets on the x axis, one bar per ``(name, result)``."""
-    if not rows:
-        raise ValueError("No results to plot.")
-    task = rows[0][1]["task"]
-    subsets = list(rows[0][1]["scores"])
-    for name, result in rows:
-        if result["task"] != task or list(result["scores"]) != subsets:
-            raise ValueError(f"Result {name!r} has a different task or subsets from {rows[0][0]!r}.")
-    metrics = METRICS[task]
-    figure = Figure(figsize=(3.2 * len(metrics), 3.4), layout="constrained")
-    FigureCanvasAgg(figure)
-    width = 0.8 / len(rows)
-    for k, metric in enumerate(metrics):
-        axes = figure.add_subplot(1, len(metrics), k + 1)
-        for j, (name, result) in enumerate(rows):
-            values = [100 * result["scores"][s][metric] for s in subsets]
-            positions = [i + (j - (len(rows) - 1) / 2) * width for i in range(len(subsets))]
-            axes.bar_label(axes.bar(positions, values, width, label=name), fmt="%.1f", fontsize="x-small")
-        axes.set_xticks(range(len(subsets)), [_TITLES[s] for s in subsets], rotation=30, ha="right")
-        axes.set_ylim(0, 100)
-        axes.set_title(_HEADERS[metric])
-        axes.set_ylabel("%")
-    figure.axes[0].legend(fontsize="small")
-    figure.suptitle(f"{task} scores per subset")
-    figure.savefig(path, dpi=100)
 
 
 def write_report(
@@ -368,7 +311,7 @@ def write_report(
 
 
 def warn_skipped(rows: Sequence[Mapping[str, object]], task: str) -> None:
-    """Print a warning naming the reasoning samples skipped for want of an emotion word in their reference, or the
+    """Log a warning naming the reasoning samples skipped for want of an emotion word in their reference, or the
     recognition answers that named no label and were scored as :data:`FALLBACK_LABEL`."""
     if task == "reasoning":
         skipped = [row["id"] for row in rows if row["accuracy"] is None]
@@ -377,115 +320,4 @@ def warn_skipped(rows: Sequence[Mapping[str, object]], task: str) -> None:
         skipped = [row["id"] for row in rows if row["fallback"]]
         message = f"of {len(rows)} answers name no label and are scored as {FALLBACK_LABEL!r}"
     if skipped:
-        print(f"warning: {len(skipped)} {message}: {_id_list(skipped)}", file=sys.stderr)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """Command-line options of both modes."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--predictions", type=Path, help='JSONL of {"id", "prediction"}')
-    parser.add_argument("--references", type=Path, help='JSONL of {"id", "reference"|"label", "subset"}')
-    parser.add_argument("--out_dir", required=True, type=Path, help="for scores.json/.md/.png and per_sample.jsonl")
-    model = parser.add_argument_group("model-running mode (instead of --predictions/--references)")
-    model.add_argument("--run_dir", type=Path, help="output folder of recipes/merr_finetune.py (MoSE) to generate with")
-    model.add_argument("--model_name_or_path", type=Path, help="local LLM folder: the base model (Emotion-LLaMA)")
-    model.add_argument("--data_root", type=Path, help="MERR folder (base model; default: the run's)")
-    model.add_argument("--projector_checkpoint", type=Path, help="base model: Emotion-LLaMA / MiniGPT-v2 .pth (+ LoRA)")
-    model.add_argument("--projectors", type=Path, help="base model: projectors.safetensors instead of a .pth")
-    model.add_argument("--annotation", type=Path, help="MERR annotation .txt (default: synthetic_test.txt of the data)")
-    model.add_argument("--subsets", type=Path, help="CSV with name,subset (default: synthetic_subsets.csv beside it)")
-    model.add_argument("--reasoning_task", choices=("reason_v2", "reason"), default="reason_v2", help="fine, coarse")
-    model.add_argument("--strategies", default="none,ar", help="comma-separated: none, ar, pai (one table row each)")
-    model.add_argument("--tau", type=float, default=1.0, help="AR threshold")
-    model.add_argument("--alpha", type=float, default=0.5, help="PAI amplification")
-    model.add_argument("--pai_mode", default="logits", help="PAI on the visual logits or weights: logits, weights")
-    model.add_argument("--layers", help="comma-separated layer indices for AR/PAI (default: all)")
-    model.add_argument("--batch_size", type=int, default=8)
-    model.add_argument("--max_new_tokens", type=int, help="tokens per answer (default: recognition 8, reasoning 500)")
-    model.add_argument("--device", help="default: cuda when available, else cpu")
-    parser.add_argument("--task", choices=TASKS, default="reasoning")
-    parser.add_argument("--labels", default="mer2023", help="recognition label set: mer2023, dfew, merr or a,b,c")
-    parser.add_argument("--parser", choices=LABEL_PARSERS, default="emotion_llama", help="label parser (recognition)")
-    parser.add_argument("--grouping", type=Path, help="synonym mapping file (.csv or .json); default: built-in table")
-    parser.add_argument("--scope", choices=("conclusion", "all"), default="conclusion", help="emotion-word extraction")
-    parser.add_argument(
-        "--name", help="row name (scoring mode; default: the predictions file name) or prefix (model mode)"
-    )
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Score ``--predictions`` against ``--references``, or generate them with a model first (``--run_dir`` /
-    ``--model_name_or_path``); print the table and write the report."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    model_mode = args.run_dir is not None or args.model_name_or_path is not None
-    if model_mode and (args.predictions is not None or args.references is not None):
-        parser.error(
-            "give --predictions/--references (scoring mode) or --run_dir/--model_name_or_path (model-running mode), "
-            "not both"
-        )
-    if not model_mode and (args.predictions is None or args.references is None):
-        parser.error(
-            "give --predictions and --references (scoring mode), or --run_dir or --model_name_or_path "
-            "(model-running mode)"
-        )
-    try:
-        grouping = load_grouping(args.grouping) if args.grouping else DEFAULT_GROUPING
-        config = ScoringConfig(
-            task=args.task,
-            labels=resolve_labels(args.labels),
-            parser=args.parser,
-            grouping=grouping,
-            grouping_source=str(args.grouping) if args.grouping else "default",
-            scope=args.scope,
-        )
-        if model_mode:
-            return _run_model(args, config)
-        references = load_references(args.references, args.task, config.labels)
-        predictions = load_predictions(args.predictions)
-        result, rows = score(predictions, references, config)
-    except (OSError, ValueError) as error:
-        parser.error(str(error))
-    warn_skipped(rows, args.task)
-    name = args.name or args.predictions.stem
-    paths = write_report(result, rows, args.out_dir, name)
-    print(paths["markdown"].read_text(encoding="utf-8"), end="")
-    print(f"wrote {', '.join(str(p) for p in paths.values())}", file=sys.stderr)
-    return 0
-
-
-def _run_model(args: argparse.Namespace, scoring: ScoringConfig) -> int:
-    from recipes.evaluate_model import ModelEvalConfig, evaluate_model
-
-    config = ModelEvalConfig(
-        out_dir=args.out_dir,
-        scoring=scoring,
-        run_dir=args.run_dir,
-        model_name_or_path=args.model_name_or_path,
-        data_root=args.data_root,
-        projector_checkpoint=args.projector_checkpoint,
-        projectors=args.projectors,
-        annotation=args.annotation,
-        subsets=args.subsets,
-        reasoning_task=args.reasoning_task,
-        strategies=[s.strip() for s in args.strategies.split(",") if s.strip()],
-        tau=args.tau,
-        alpha=args.alpha,
-        pai_mode=args.pai_mode,
-        layers=[int(v) for v in args.layers.split(",")] if args.layers else None,
-        batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens,
-        name=args.name,
-        device=args.device,
-    )
-    rows = evaluate_model(config)
-    print(markdown_table(rows), end="")
-    print(
-        f"wrote scores.md/.json/.png, references.jsonl, predictions_*.jsonl, reports to {args.out_dir}", file=sys.stderr
-    )
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        logger.warning("%d %s: %s", len(skipped), message, _id_list(skipped))

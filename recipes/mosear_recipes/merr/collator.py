@@ -7,14 +7,14 @@ from collections.abc import Sequence
 import torch
 
 from peft_mose.layout import collate_rows
-from recipes.emotion_llama.projectors import FEATURE_KEYS
-from recipes.emotion_llama.prompt import PromptEncoder
+from mosear_recipes.emotion_llama.projectors import FEATURE_KEYS
+from mosear_recipes.emotion_llama.prompt import PromptEncoder
 
 from .dataset import MERRSample
 
 
 class MERRCollator:
-    """Turns :class:`~recipes.merr.dataset.MERRSample` lists into batches for ``EmotionLlama``.
+    """Turns :class:`~mosear_recipes.merr.dataset.MERRSample` lists into batches for ``EmotionLlama``.
 
     Keys: ``input_ids``, ``attention_mask``, ``modality_ids``, ``labels`` (only with ``with_answer``), the stacked
     features ``eva_patch``, ``eva_cls``, ``face``, ``video``, ``audio``, and the lists ``names`` and ``tasks``.

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from recipes.textfiles import load_json, read_text
+from mosear_recipes.textfiles import load_json, read_text
 
 EMOTION_LABELS = ("neutral", "angry", "happy", "sad", "worried", "surprise", "fear", "contempt", "doubt")
 SUBTITLE_COLUMNS = ("sentence", "sentence_en")  # MERR / MER2023, MER2024

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from collections import Counter
 from collections.abc import Sequence
@@ -9,10 +10,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from recipes.emotion_llama.features import FeatureSpec
+from ..emotion_llama.features import FeatureSpec
 
 from .readers import (
     EMOTION_LABELS,
@@ -26,6 +28,9 @@ from .readers import (
 )
 from .tasks import CAPTION_FIELDS, TASKS, normalize_answer, parse_tasks
 
+SUBTITLE_FILE = "transcription_en_all.csv"
+CAPTION_FILES = {"coarse_json": "MERR_coarse_grained.json", "fine_json": "MERR_fine_grained.json"}
+"""MERR's subtitle and caption files, under its data root."""
 CHECK_THREADS = min(8, os.cpu_count() or 1)  # feature files read at once while the dataset is checked
 SampleKey = tuple[int, str, int]
 """``(sample index, task name, instruction draw)``; the draw picks the instruction (modulo the pool size)."""
@@ -67,7 +72,7 @@ class MERRDataset(Dataset):
 
     Every sample is checked when the dataset is built (label, subtitle, the captions its tasks need, feature files,
     their shapes, and that every feature value is finite, which reads every file once), and its features again when it
-    is read. Sample names must be unique. A problem raises :class:`~recipes.merr.readers.SampleError` naming
+    is read. Sample names must be unique. A problem raises :class:`~mosear_recipes.merr.readers.SampleError` naming
     the sample and the file, unless ``skip_missing`` is set: then the sample is left out and listed in ``skipped``.
     """
 
@@ -180,6 +185,25 @@ class MERRDataset(Dataset):
         self._check_task(task)
         return [(index, task, instruction) for index in range(len(self.records))]
 
+    def subset(self, indices: Sequence[int]) -> MERRDataset:
+        """The same dataset restricted to the records at ``indices`` (in that order); nothing is read again."""
+        part = copy.copy(self)
+        part.records = [self.records[i] for i in indices]
+        part.skipped = []
+        return part
+
+    def split(self, val_size: float, seed: int) -> tuple[MERRDataset, MERRDataset]:
+        """``(train, validation)``: ``val_size`` samples (a fraction in (0, 1) or a count) drawn at random with
+        ``seed`` for validation, the rest for training; both non-empty."""
+        count = round(val_size * len(self)) if val_size < 1 else int(val_size)
+        if not 1 <= count < len(self):
+            raise ValueError(
+                f"--val_size {val_size} holds out {count} of the {len(self)} samples of {self.annotation_file}: "
+                "validation and training both need at least one."
+            )
+        order = np.random.default_rng(seed).permutation(len(self))
+        return self.subset(sorted(order[count:].tolist())), self.subset(sorted(order[:count].tolist()))
+
     def __getitem__(self, key: SampleKey) -> MERRSample:
         index, task, draw = key
         self._check_task(task)
@@ -204,3 +228,18 @@ class MERRDataset(Dataset):
             video=utterance(record.video, "video"),
             audio=utterance(record.audio, "audio"),
         )
+
+
+class KeyedSamples(Dataset):
+    """A fixed list of :data:`SampleKey` of a dataset, indexed by position: the validation set Trainer evaluates
+    (every sample once per task, the first instruction)."""
+
+    def __init__(self, dataset: MERRDataset, tasks: Sequence[str] | None = None) -> None:
+        self.dataset = dataset
+        self.keys = [key for task in (tasks or dataset.tasks) for key in dataset.keys(task)]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, index: int) -> MERRSample:
+        return self.dataset[self.keys[index]]

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from recipes.emotion_llama.features import FeatureSpec
-from recipes.emotion_llama.prompt import HEAD, MIDDLE, prompt_tail
+from mosear_recipes.emotion_llama.features import FeatureSpec
+from mosear_recipes.emotion_llama.prompt import HEAD, MIDDLE, prompt_tail
 
 from .readers import EMOTION_LABELS
 from .tasks import TASKS

@@ -14,7 +14,7 @@ _DRAW_RANGE = 2**31
 
 
 class SingleTaskBatchSampler(Sampler[list[SampleKey]]):
-    """Yields ``num_batches`` batches of :data:`~recipes.merr.dataset.SampleKey`; each batch draws one task from
+    """Yields ``num_batches`` batches of :data:`~mosear_recipes.merr.dataset.SampleKey`; each batch draws one task from
     ``tasks`` (with ``task_weights``, uniform by default), then ``batch_size`` samples from that task's own shuffled
     pass over the dataset, and one instruction per sample.
 

@@ -15,16 +15,20 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from peft.utils import CONFIG_NAME
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import (
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+)
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from recipes.textfiles import load_json
+from .textfiles import load_json
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
@@ -99,23 +103,22 @@ def checkpoint_problems(directory: Path) -> list[str]:
     return problems
 
 
-def checkpoints(stage_dir: Path) -> list[Path]:
-    """The ``checkpoint-N`` folders of a stage, by step."""
-    found = [p for p in stage_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+def checkpoints(run_dir: Path) -> list[Path]:
+    """The ``checkpoint-N`` folders of a run, by step."""
+    found = [p for p in run_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
 
 
-def newest_intact(stage_dirs: Sequence[Path], exclude: Path | None = None) -> Path | None:
-    """The newest checkpoint without problems, searching ``stage_dirs`` in order (newest stage first)."""
-    for stage_dir in stage_dirs:
-        for checkpoint in reversed(checkpoints(stage_dir)):
-            if checkpoint.resolve() != (exclude.resolve() if exclude else None) and not checkpoint_problems(checkpoint):
-                return checkpoint
+def newest_intact(run_dir: Path, exclude: Path | None = None) -> Path | None:
+    """The newest checkpoint of ``run_dir`` without problems (other than ``exclude``)."""
+    for checkpoint in reversed(checkpoints(run_dir)):
+        if checkpoint.resolve() != (exclude.resolve() if exclude else None) and not checkpoint_problems(checkpoint):
+            return checkpoint
     return None
 
 
-def _resume_hint(stage_dirs: Sequence[Path], exclude: Path | None = None) -> str:
-    newest = newest_intact(stage_dirs, exclude)
+def _resume_hint(run_dir: Path, exclude: Path | None = None) -> str:
+    newest = newest_intact(run_dir, exclude)
     if newest is None:
         return "This run has no intact checkpoint to resume from."
     return (
@@ -124,24 +127,22 @@ def _resume_hint(stage_dirs: Sequence[Path], exclude: Path | None = None) -> str
     )
 
 
-def resolve_resume(value: str | None, output_dir: Path, stages: Sequence[str]) -> str | None:
+def resolve_resume(value: str | None, run_dir: Path) -> str | None:
     """The checkpoint ``--resume_from_checkpoint`` names, verified before anything of it is loaded: no value (or
-    ``True``) picks the newest intact checkpoint of the run's stages; a checkpoint with problems raises
+    ``True``) picks the newest intact checkpoint of ``run_dir``; a checkpoint with problems raises
     :class:`CheckpointError` naming them and the newest intact one."""
     if value is None:
         return None
-    stage_dirs = [output_dir / stage for stage in reversed(stages)]
     if value.lower() == "true":
-        newest = newest_intact(stage_dirs)
+        newest = newest_intact(run_dir)
         if newest is None:
-            searched = ", ".join(str(d) for d in stage_dirs)
-            raise CheckpointError(f"--resume_from_checkpoint: no intact checkpoint in {searched}.")
+            raise CheckpointError(f"--resume_from_checkpoint: no intact checkpoint in {run_dir}.")
         return str(newest)
     problems = checkpoint_problems(Path(value))
     if problems:
         raise CheckpointError(
             f"Refusing to resume from {value}, nothing of it was loaded: {'; '.join(problems)}. "
-            f"{_resume_hint(stage_dirs, exclude=Path(value))}"
+            f"{_resume_hint(run_dir, exclude=Path(value))}"
         )
     return value
 
@@ -169,7 +170,7 @@ def save_failure(checkpoint: Path, error: Exception) -> CheckpointError | None:
     nothing = "What it had written was removed; nothing" if left else "Nothing"
     return CheckpointError(
         f"Could not save checkpoint {checkpoint}: {reason}. {nothing} saved before was lost. "
-        f"{_resume_hint([checkpoint.parent])}"
+        f"{_resume_hint(checkpoint.parent)}"
     )
 
 

@@ -1,15 +1,11 @@
-"""The model-running mode of ``recipes/evaluate.py``: generate answers with a trained MoSE run or with the
-Emotion-LLaMA base model, with or without AR or PAI, and score every variant side by side (the paper's Tables 1 and 7).
-
-    python recipes/evaluate.py --run_dir out/merr --out_dir out/eval --strategies none,ar,pai
-    python recipes/evaluate.py --model_name_or_path Llama-2-7b-chat-hf --data_root MERR \\
-        --projector_checkpoint Emotion_LLaMA.pth --annotation test.txt --out_dir out/eval --strategies none,ar
-"""
+"""Generate answers with a trained MoSE run or with the Emotion-LLaMA base model, with or without AR or PAI, and
+score every variant side by side (the paper's Tables 1 and 7): the model-running mode of
+``recipes/merr_evaluate.py``."""
 
 from __future__ import annotations
 
 import json
-import sys
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,25 +14,30 @@ import torch
 
 from peft_mose._versions import environment
 from peft_mose.attention.backend import PAI_MODES
-from recipes.emotion_llama.baseline import load_baseline
-from recipes.emotion_llama.features import FeatureSpec
-from recipes.emotion_llama.model import EmotionLlama
-from recipes.emotion_llama.prompt import PromptEncoder
-from recipes.evaluate import (
+
+from .emotion_llama.baseline import load_baseline
+from .emotion_llama.features import FeatureSpec
+from .emotion_llama.model import EmotionLlama
+from .emotion_llama.prompt import PromptEncoder
+from .generation import generate_predictions
+from .merr.dataset import CAPTION_FILES, SUBTITLE_FILE, MERRDataset
+from .merr.references import merr_references
+from .merr.synthetic import FILES as SYNTHETIC_FILES
+from .merr.tasks import TASKS
+from .modeling import load_trained
+from .plots import plot_scores
+from .run_config import RUN_CONFIG, RunConfig
+from .scoring import (
     Reference,
     ScoringConfig,
     markdown_table,
-    plot_scores,
     score,
     warn_skipped,
     write_jsonl,
     write_report,
 )
-from recipes.merr.dataset import MERRDataset
-from recipes.merr.references import merr_references
-from recipes.merr.synthetic import FILES as SYNTHETIC_FILES
-from recipes.merr.tasks import TASKS
-from recipes.merr_finetune import CAPTION_FILES, RUN_CONFIG, SUBTITLE_FILE, generate_predictions, load_trained
+
+logger = logging.getLogger(__name__)
 
 STRATEGIES = ("none", "ar", "pai")
 REASONING_TASKS = ("reason_v2", "reason")
@@ -137,8 +138,6 @@ def check_config(config: ModelEvalConfig) -> None:
         )
 
 
-def _run_config(config: ModelEvalConfig) -> dict:
-    return json.loads((Path(config.run_dir) / RUN_CONFIG).read_text())
 
 
 def resolve_annotation(annotation: Path | None, data_root: Path) -> Path:
@@ -158,10 +157,10 @@ def resolve_annotation(annotation: Path | None, data_root: Path) -> Path:
 
 def evaluation_data(config: ModelEvalConfig) -> tuple[MERRDataset, list[Reference], FeatureSpec]:
     """The dataset of the prompt task (validated, features under the data root), its references and feature spec."""
-    run_config = _run_config(config) if config.kind == "run" else {}
-    data_root = Path(config.data_root or run_config["data_root"])
+    run_config = RunConfig.read(config.run_dir) if config.kind == "run" else None
+    data_root = Path(config.data_root or run_config.data_root)
     _missing(data_root, "the data folder (recorded by the run unless given)", "--data_root")
-    spec = FeatureSpec(**run_config["feature_spec"]) if run_config else FeatureSpec.from_dir(data_root)
+    spec = run_config.feature_spec if run_config is not None else FeatureSpec.from_dir(data_root)
     task = config.prompt_task
     captions = {}
     if TASKS[task].answer_source != "label":
@@ -182,7 +181,7 @@ def load_model(config: ModelEvalConfig, spec: FeatureSpec) -> tuple[EmotionLlama
         model, encoder = trained.model, trained.encoder
     else:
         baseline = load_baseline(config.model_name_or_path, spec, config.projector_checkpoint, config.projectors)
-        print("\n".join(baseline.reports), file=sys.stderr)
+        logger.info("%s", "\n".join(baseline.reports))
         model, encoder = baseline.model, baseline.encoder
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device), encoder

@@ -45,7 +45,7 @@ class EmotionLlama(nn.Module):
     modality ids take the public path a user takes: the model call / ``generate`` keyword on a MoSE model, and
     :func:`~peft_mose.attention_reallocation`'s ``modality_ids`` for other models (they only matter under AR/PAI).
 
-    Batch keys (see ``recipes.merr.collator``): ``input_ids``, ``attention_mask``, ``modality_ids``, optional
+    Batch keys (see ``mosear_recipes.merr.collator``): ``input_ids``, ``attention_mask``, ``modality_ids``, optional
     ``labels``, and the features ``eva_patch`` [B, 256, 5632], ``eva_cls`` [B, 1408], ``face``, ``video``, ``audio``
     [B, 1024]. Other keys (sample names, tasks) are ignored.
     """

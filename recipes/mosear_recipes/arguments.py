@@ -1,0 +1,328 @@
+"""Command-line and config-file arguments of ``recipes/merr_finetune.py``: four dataclasses (model, data, schedule,
+and Trainer's ``TrainingArguments`` with the paper's defaults), parsed from an optional YAML/JSON file plus the
+command line, and checked together."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+from transformers import HfArgumentParser, TrainingArguments
+
+from peft_mose import MoSEConfig
+
+from .distributed import share_cpu_deepspeed_state
+from .merr.tasks import parse_tasks
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+TINY_CONFIG = CONFIG_DIR / "tiny.yaml"
+CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+STAGE_TASKS = {"coarse": ("emotion", "reason"), "fine": ("emotion", "reason_v2")}
+STAGE_ANNOTATIONS = {"coarse": "MERR_coarse_grained.txt", "fine": "MERR_fine_grained.txt"}
+STAGE_LEARNING_RATES = {"coarse": 2e-5, "fine": 1e-5}
+SCHEDULES = ("emotion_llama", "trainer")
+
+
+def _mose_field(name: str):
+    """A field with ``MoSEConfig``'s own default and help, so the two cannot drift apart."""
+    source = MoSEConfig.__dataclass_fields__[name]
+    return field(default=source.default, metadata=dict(source.metadata))
+
+
+@dataclass
+class ModelArguments:
+    """The LLM, what initialises it and the MoSE adapter."""
+
+    _argument_group_name = "model"
+
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Local folder of the LLM (e.g. Llama-2-7b-chat-hf); not with --tiny_setup."}
+    )
+    projector_checkpoint: str | None = field(
+        default=None,
+        metadata={"help": "MiniGPT-v2 / Emotion-LLaMA .pth initialising the projectors (loaded with weights_only)."},
+    )
+    merge_checkpoint_lora: bool = field(
+        default=False,
+        metadata={
+            "help": "Merge the LLM's LoRA held in --projector_checkpoint (MiniGPT-v2's) into the LLM before adding "
+            "MoSE: the paper's starting point. With --init_from the checkpoint is read for this LoRA only."
+        },
+    )
+    init_from: str | None = field(
+        default=None,
+        metadata={"help": "A run folder (or checkpoint) whose adapter and projectors start this run: stage fine "
+                  "starts from stage coarse's output."},
+    )  # fmt: skip
+    r: int = _mose_field("r")
+    n_experts: int = _mose_field("n_experts")
+    eps: float = _mose_field("eps")
+    lora_alpha: float = _mose_field("lora_alpha")
+    lora_dropout: float = _mose_field("lora_dropout")
+    router_hidden_size: int = _mose_field("router_hidden_size")
+    expert_kind: str = _mose_field("expert_kind")
+    router: bool = _mose_field("router")
+    target_modules: str = field(default="q_proj,v_proj", metadata={"help": "Comma-separated target modules."})
+
+    def mose_config(self) -> MoSEConfig:
+        """The MoSE adapter configuration."""
+        return MoSEConfig(
+            r=self.r,
+            n_experts=self.n_experts,
+            eps=self.eps,
+            lora_alpha=self.lora_alpha,
+            lora_dropout=self.lora_dropout,
+            router_hidden_size=self.router_hidden_size,
+            expert_kind=self.expert_kind,
+            router=self.router,
+            target_modules=[m.strip() for m in self.target_modules.split(",") if m.strip()],
+        )
+
+
+@dataclass
+class DataArguments:
+    """The MERR data, the stage, the validation split and the end-of-run recognition evaluation."""
+
+    _argument_group_name = "data"
+
+    tiny_setup: bool = field(
+        default=False,
+        metadata={"help": "Write a synthetic MERR dataset and a tiny random Llama to <output_dir>/tiny and train on "
+                  "them (recipes/configs/tiny.yaml, the default without --model_name_or_path)."},
+    )  # fmt: skip
+    data_root: str | None = field(
+        default=None, metadata={"help": "MERR folder (annotations, JSON, subtitles, features); see docs/recipes.md."}
+    )
+    stage: str = field(
+        default="coarse",
+        metadata={"help": "coarse (MERR_coarse_grained, tasks emotion + reason) or fine (MERR_fine_grained, "
+                  "emotion + reason_v2; start it from the coarse run with --init_from)."},
+    )  # fmt: skip
+    tasks: str | None = field(default=None, metadata={"help": "Tasks to train, e.g. emotion. Default: the stage's."})
+    annotation: str | None = field(
+        default=None, metadata={"help": "Annotation file (under data_root). Default: the stage's MERR file."}
+    )
+    skip_missing: bool = field(default=False, metadata={"help": "Leave out (and count) unusable samples."})
+    audio_repeat: int = field(
+        default=1, metadata={"help": "Repeat the audio token K times (token-imbalance experiment, paper Appendix C.2)."}
+    )
+    val_size: float = field(
+        default=0.0,
+        metadata={"help": "Samples held out of the annotation file for validation (eval loss during training): a "
+                  "fraction in (0, 1) or a count >= 1; 0: none."},
+    )  # fmt: skip
+    val_annotation: str | None = field(
+        default=None, metadata={"help": "Validation annotation file (under data_root) instead of --val_size."}
+    )
+    eval_annotation: str = field(
+        default="auto",
+        metadata={"help": "Annotation file (under data_root) of the end-of-run recognition evaluation; 'auto': "
+                  "synthetic_test.txt when present, 'none': no evaluation."},
+    )  # fmt: skip
+    eval_labels: str = field(default="mer2023", metadata={"help": "Label set scored: mer2023, dfew, merr or a,b,c."})
+    eval_max_new_tokens: int = field(default=8, metadata={"help": "Greedy tokens generated per evaluation prompt."})
+
+    @property
+    def stage_tasks(self) -> tuple[str, ...]:
+        """The tasks trained: ``--tasks``, else the stage's."""
+        return parse_tasks(self.tasks) if self.tasks else STAGE_TASKS[self.stage]
+
+
+@dataclass
+class ScheduleArguments:
+    """The learning-rate schedule and the epoch length."""
+
+    _argument_group_name = "schedule"
+
+    lr_schedule: str = field(
+        default="emotion_llama",
+        metadata={"help": "emotion_llama: Emotion-LLaMA's linear warm-up from --warmup_start_lr (in epoch 0), then "
+                  "one cosine value per epoch down to --min_lr (the paper's); trainer: Trainer's --lr_scheduler_type."},
+    )  # fmt: skip
+    warmup_start_lr: float = field(default=1e-6, metadata={"help": "Learning rate of the first warm-up step."})
+    min_lr: float = field(default=1e-6, metadata={"help": "Learning rate the cosine decays towards."})
+    iters_per_epoch: int = field(default=1000, metadata={"help": "Optimizer steps per epoch (paper: 1000)."})
+
+
+@dataclass
+class FinetuneArguments(TrainingArguments):
+    """``TrainingArguments`` with the paper's defaults (section 6.1); every option keeps its Trainer meaning."""
+
+    _argument_group_name = "Trainer (TrainingArguments)"
+
+    output_dir: str = field(default="runs/merr_finetune", metadata={"help": "Where everything is written."})
+    learning_rate: float | None = field(
+        default=None, metadata={"help": "Peak learning rate. Default: the stage's (coarse 2e-5, fine 1e-5)."}
+    )
+    num_train_epochs: float = field(default=30, metadata={"help": "Epochs (paper: 30)."})
+    warmup_steps: float = field(default=1000, metadata={"help": "Warm-up steps (a fraction < 1: of all steps)."})
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (none on 1-D parameters)."})
+    max_grad_norm: float = field(default=0.0, metadata={"help": "Gradient clipping; 0: none, as the original."})
+    per_device_train_batch_size: int = field(default=1, metadata={"help": "Samples per batch and process."})
+    logging_steps: float = field(default=50, metadata={"help": "Log every N optimizer steps."})
+    save_strategy: str = field(default="epoch", metadata={"help": "Checkpoint every epoch (no, steps or epoch)."})
+    save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Must stay False (batches are dicts)."})
+    label_names: list[str] | None = field(default_factory=lambda: ["labels"], metadata={"help": "Batch key of labels."})
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata={
+            "help": "Checkpoint folder to resume (<output_dir>/checkpoint-N), verified against its manifest first; "
+            "with no path (or True): the newest intact checkpoint of the run.",
+            "nargs": "?",
+            "const": "True",
+        },
+    )
+
+    def __post_init__(self) -> None:
+        share_cpu_deepspeed_state(self)
+        super().__post_init__()
+
+
+@dataclass
+class FinetuneConfig:
+    """Everything one run is given: the four argument groups and the config file they were read from."""
+
+    model: ModelArguments
+    data: DataArguments
+    schedule: ScheduleArguments
+    training: FinetuneArguments
+    config_file: Path | None = None
+
+    def arguments(self) -> dict[str, dict[str, Any]]:
+        """Every argument as parsed, JSON-friendly, for the run configuration."""
+        return {
+            "model": _values(self.model),
+            "data": _values(self.data),
+            "schedule": _values(self.schedule),
+            "training": self.training.to_dict(),
+        }
+
+
+DATACLASSES = (ModelArguments, DataArguments, ScheduleArguments, FinetuneArguments)
+
+
+def _values(arguments: object) -> dict[str, Any]:
+    return {f.name: getattr(arguments, f.name) for f in fields(arguments)}
+
+
+def build_parser() -> HfArgumentParser:
+    """The recipe's parser: its own groups first in ``--help``, then Trainer's; no abbreviated options."""
+    return HfArgumentParser(DATACLASSES, description=__doc__.splitlines()[0], allow_abbrev=False)
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The ``{option: value}`` mapping of a YAML or JSON config file, every key an option of the recipe."""
+    if not path.is_file():
+        raise FileNotFoundError(f"Config file {path} does not exist.")
+    text = path.read_text(encoding="utf-8")
+    values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ValueError(f"Config file {path} must hold a mapping of option: value, got {type(values).__name__}.")
+    known = {f.name for dataclass_type in DATACLASSES for f in fields(dataclass_type)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"Config file {path}: unknown options {unknown} (see python recipes/merr_finetune.py --help).")
+    return values
+
+
+def _gives(argv: Sequence[str], option: str) -> bool:
+    return any(arg == option or arg.startswith(option + "=") for arg in argv)
+
+
+def parse_finetune_args(argv: Sequence[str] | None = None) -> FinetuneConfig:
+    """Parse ``[config.yaml|config.json] [--option value ...]``: the file's values replace the defaults, the command
+    line's replace the file's. Without a file and without ``--model_name_or_path``, the file is
+    ``recipes/configs/tiny.yaml`` (the built-in tiny default)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    config_file = None
+    if argv and Path(argv[0]).suffix in CONFIG_SUFFIXES and not argv[0].startswith("-"):
+        config_file = Path(argv.pop(0))
+    elif not _gives(argv, "--model_name_or_path"):
+        config_file = TINY_CONFIG
+    parser = build_parser()
+    if config_file is not None:
+        parser.set_defaults(**read_config_file(config_file))
+    model, data, schedule, training = parser.parse_args_into_dataclasses(argv)
+    return FinetuneConfig(model, data, schedule, training, config_file)
+
+
+def check_args(config: FinetuneConfig) -> None:
+    """Refuse contradictory or unsupported settings with a message that says what to do instead."""
+    model, data, schedule, args = config.model, config.data, config.schedule, config.training
+    if data.tiny_setup and (model.model_name_or_path or data.data_root):
+        raise ValueError(
+            "--tiny_setup writes its own model and data: give it, or --model_name_or_path with --data_root, not both."
+        )
+    if not data.tiny_setup and not (model.model_name_or_path and data.data_root):
+        raise ValueError("Give --model_name_or_path and --data_root together (or --tiny_setup true).")
+    if model.projector_checkpoint and model.init_from and not model.merge_checkpoint_lora:
+        raise ValueError(
+            "Give --projector_checkpoint or --init_from, not both (--init_from holds projectors too; with "
+            "--merge_checkpoint_lora the checkpoint is read for its LoRA only)."
+        )
+    if model.merge_checkpoint_lora and not model.projector_checkpoint:
+        raise ValueError(
+            "--merge_checkpoint_lora merges the LoRA of --projector_checkpoint: give that checkpoint "
+            "(minigptv2_checkpoint.pth)."
+        )
+    if data.stage not in STAGE_TASKS:
+        raise ValueError(f"--stage must be one of {list(STAGE_TASKS)}, got {data.stage!r}.")
+    if data.audio_repeat < 1:
+        raise ValueError(f"--audio_repeat must be >= 1, got {data.audio_repeat}.")
+    if data.val_size < 0 or (data.val_size >= 1 and data.val_size != int(data.val_size)):
+        raise ValueError(f"--val_size must be a fraction in (0, 1) or a whole count, got {data.val_size}.")
+    if data.val_size and data.val_annotation:
+        raise ValueError("Give --val_size or --val_annotation, not both.")
+    if args.eval_strategy != "no" and not (data.val_size or data.val_annotation):
+        raise ValueError(
+            f"--eval_strategy {args.eval_strategy.value} evaluates on a validation split: give --val_size (held out "
+            "of the training annotation) or --val_annotation."
+        )
+    if args.remove_unused_columns:
+        raise ValueError(
+            "--remove_unused_columns must stay false: the model reads batch keys its forward signature does not name "
+            "(features, modality ids)."
+        )
+    if schedule.iters_per_epoch < 1 or args.num_train_epochs <= 0:
+        raise ValueError(
+            f"--iters_per_epoch must be >= 1 and --num_train_epochs > 0, got {schedule.iters_per_epoch}, "
+            f"{args.num_train_epochs}."
+        )
+    if args.learning_rate is not None and args.learning_rate <= 0:
+        raise ValueError(f"--learning_rate must be > 0, got {args.learning_rate}.")
+    if schedule.lr_schedule not in SCHEDULES:
+        raise ValueError(f"--lr_schedule must be one of {list(SCHEDULES)}, got {schedule.lr_schedule!r}.")
+    if schedule.lr_schedule == "emotion_llama":
+        changed = [name for name, default in (("lr_scheduler_type", "linear"), ("lr_scheduler_kwargs", {}))
+                   if getattr(args, name) not in (default, None)]  # fmt: skip
+        if changed:
+            raise ValueError(
+                f"--{changed[0]} sets Trainer's schedule, but --lr_schedule is emotion_llama (the paper's warm-up and "
+                "per-epoch cosine): add --lr_schedule trainer to use Trainer's."
+            )
+        warmup = args.get_warmup_steps(total_steps(config))
+        if warmup > schedule.iters_per_epoch:
+            raise ValueError(
+                f"--warmup_steps ({warmup}) must fit in the first epoch (--iters_per_epoch "
+                f"{schedule.iters_per_epoch}): the emotion_llama schedule's cosine starts at epoch 1."
+            )
+
+
+def total_steps(config: FinetuneConfig) -> int:
+    """Optimizer steps of the full schedule (``--max_steps`` only cuts it short)."""
+    return math.ceil(config.training.num_train_epochs * config.schedule.iters_per_epoch)
+
+
+def learning_rate(config: FinetuneConfig) -> float:
+    """The peak learning rate: ``--learning_rate``, else the stage's rate of the paper."""
+    rate = config.training.learning_rate
+    return rate if rate is not None else STAGE_LEARNING_RATES[config.data.stage]

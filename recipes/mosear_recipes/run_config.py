@@ -1,0 +1,92 @@
+"""What a training run folder holds and how it was made: :class:`RunConfig`, written once as ``run_config.json``
+and read back by everything that reloads the run (evaluation, inference, the next stage)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from peft_mose._versions import environment
+
+from .emotion_llama.features import FeatureSpec
+
+RUN_CONFIG = "run_config.json"
+ADAPTER_DIR = "adapter"
+PROJECTORS_FILE = "projectors.safetensors"
+REFERENCE_FILE = "reference_outputs.safetensors"
+LOSS_CURVE = "loss.png"
+EVAL_DIR = "eval"
+FORMAT = 2
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """The stage a run trained: its name, annotation file, tasks and peak learning rate."""
+
+    name: str
+    annotation: str
+    tasks: tuple[str, ...]
+    learning_rate: float
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One run of ``recipes/merr_finetune.py``: the base model it trained on (with the checkpoint whose LoRA was
+    merged into it, if any), the data, the stage, what it started from, every argument as parsed, and the
+    environment (package versions and git commit)."""
+
+    model_name_or_path: str
+    data_root: str
+    feature_spec: FeatureSpec
+    audio_repeat: int
+    stage: StageConfig
+    world_size: int
+    merged_lora_checkpoint: str | None = None
+    init_from: str | None = None
+    config_file: str | None = None
+    arguments: dict[str, dict[str, Any]] = field(default_factory=dict)
+    environment: dict[str, Any] = field(default_factory=environment)
+    format: int = FORMAT
+
+    def write(self, directory: str | Path) -> Path:
+        """Write ``directory/run_config.json``."""
+        path = Path(directory) / RUN_CONFIG
+        path.write_text(json.dumps(dataclasses.asdict(self), indent=2, default=str) + "\n", encoding="utf-8")
+        return path
+
+    @classmethod
+    def read(cls, directory: str | Path) -> RunConfig:
+        """The run configuration of a run folder, with an error that names what is wrong with it."""
+        path = Path(directory) / RUN_CONFIG
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist: is {directory} an output folder of merr_finetune.py?")
+        try:
+            values = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"{path} is not valid JSON: {error}.") from error
+        if not isinstance(values, dict) or values.get("format") != FORMAT:
+            found = values.get("format") if isinstance(values, dict) else None
+            raise ValueError(
+                f"{path} has format {found!r}, this version reads format {FORMAT}: the run was written by another "
+                "version of the recipe (format 1 and older held several stages per run); retrain or use that version."
+            )
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = sorted(f.name for f in dataclasses.fields(cls) if f.name not in values and _required(f))
+        unknown = sorted(set(values) - names)
+        if missing or unknown:
+            raise ValueError(f"{path} is not a run configuration: missing {missing}, unknown {unknown}.")
+        stage = values["stage"]
+        return cls(
+            **{
+                **values,
+                "feature_spec": FeatureSpec(**values["feature_spec"]),
+                "stage": StageConfig(**{**stage, "tasks": tuple(stage["tasks"])}),
+            }
+        )
+
+
+def _required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
