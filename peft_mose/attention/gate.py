@@ -37,8 +37,8 @@ DEFAULT_GATE_THRESHOLD = 0.05
 class GateInputs:
     """What a detector knows about the first forward (the prefill) of one call, and how it runs extra forwards.
 
-    Its forwards go through the transformers model with AR off, nothing recorded, and a context of their own (a MoSE
-    model routes them by ``modality_ids`` like the call, with the masked tokens left out as padding is).
+    The gate calls its detector with AR off, nothing recorded and a context of its own, so these forwards leave the
+    call alone (a MoSE model routes them by ``modality_ids`` like the call, the masked tokens left out as padding is).
     """
 
     model: nn.Module
