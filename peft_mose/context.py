@@ -31,6 +31,8 @@ from .modality import Modality, validate_modality_ids
 if TYPE_CHECKING:
     from transformers import Cache
 
+    from .attention.gate import GateDecisions
+
 AdapterKey = tuple[str, str]
 """``(layer name, adapter name)``: where a router weight or routing statistic belongs."""
 
@@ -102,7 +104,13 @@ class ModalityContext:
     cached: int = 0
     """Positions already cached when the current forward started (0: a prefill)."""
     needs_grad: bool = False
+    gate_decisions: GateDecisions | None = None
+    """Attention reallocation's conflict gate: which samples of this call it reallocates (decided at the call's first
+    forward, :mod:`peft_mose.attention.gate`)."""
 
+
+CallStart = Callable[[ModalityContext, tuple, dict], None]
+"""Run at the first forward of every call on a scope, after its layout is known, with that forward's arguments."""
 
 _OPEN: ContextVar[tuple[tuple["ContextScope", ModalityContext], ...]] = ContextVar("peft_mose_contexts", default=())
 
@@ -114,11 +122,13 @@ class ContextScope:
     Holds no per-call state between calls except: the weak cache records (:class:`PromptRecord`), the routing
     statistics of the last call (read by :meth:`~peft_mose.MoSEModel.routing_stats`, never by computation), and,
     for activation checkpointing, the last call that built an autograd graph, read only while autograd runs backward.
+    The callbacks of :meth:`on_call_start` are installed by a block (attention reallocation's gate) for its duration.
     """
 
     def __init__(self) -> None:
         self._records: weakref.WeakKeyDictionary[Cache, PromptRecord] = weakref.WeakKeyDictionary()
         self._backward: ModalityContext | None = None
+        self._call_starts: list[CallStart] = []
         self.last_routing: dict[AdapterKey, dict[str, Tensor]] = {}
 
     def __getstate__(self) -> dict[str, Any]:
@@ -210,6 +220,29 @@ class ContextScope:
                 _remove(opened.pop())
 
     @contextlib.contextmanager
+    def on_call_start(self, callback: CallStart) -> Iterator[None]:
+        """Inside the block, ``callback(context, args, kwargs)`` runs at the first forward of every call on this
+        scope (its prefill, for ``generate``), once the forward's layout is in ``context.step``; e.g. the conflict
+        gate, which probes the prompt before the call computes anything."""
+        self._call_starts.append(callback)
+        try:
+            yield
+        finally:
+            self._call_starts.remove(callback)
+
+    @contextlib.contextmanager
+    def side_call(self, modality_ids: Tensor) -> Iterator[ModalityContext]:
+        """A context for extra forwards of the model made while a call is open (the conflict gate's probes), each
+        covering exactly ``modality_ids`` ``[batch, seq]``: the call's hooks route them here, so the call's own context
+        (layout, router weights, cache records) and the routing statistics stay as they were."""
+        context = _new_context(modality_ids, prompt=False, generate=False)
+        token = _OPEN.set(_OPEN.get() + ((self, context),))
+        try:
+            yield context
+        finally:
+            _OPEN.reset(token)
+
+    @contextlib.contextmanager
     def layer_call(self, modality_ids: Tensor) -> Iterator[ModalityContext]:
         """A context for calling MoSE layers directly (tests, benchmarks): one prefill over ``modality_ids``
         (``[batch, seq]``, every position real), with no model around the layers."""
@@ -259,8 +292,12 @@ class ContextScope:
             self._records[cache] = context.continued
 
     def _enter_forward(self, context: ModalityContext, args: tuple, kwargs: dict) -> None:
+        first = context.step is None
         context.cached = cached_length(call_cache(kwargs))
         context.step = self._step(context, args, kwargs)
+        if first:
+            for callback in list(self._call_starts):
+                callback(context, args, kwargs)
 
     def _step(self, context: ModalityContext, args: tuple, kwargs: dict) -> StepLayout | None:
         """The forward's layout, or ``None`` for a module that takes no token sequence and gets no ids (then its

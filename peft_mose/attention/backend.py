@@ -7,7 +7,8 @@ computes the rows that produce response tokens (each sample's last prompt positi
 explicitly: their attention weights in float32 (float64 for a float64 model), changed by :mod:`.functional`, times
 V. All other rows come from the base implementation, unchanged (the prefill keeps SDPA's kernels); a decode step,
 whose rows are all response rows, does not run the base at all, so AR reads the KV cache once, like the model
-without it.
+without it. With a conflict gate (:mod:`.gate`), only the samples it flags get the explicit rows; the others keep the
+base rows bit for bit.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import operator
 import sys
 import weakref
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -30,8 +32,18 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..modality import Modality, validate_modality_ids
 from ..model import mose_tuner
-from ..context import ContextScope, StepLayout
+from ..context import ContextScope, ModalityContext, StepLayout
 from .diagnostics import ReallocationDiagnostics
+from .gate import (
+    DEFAULT_GATE_THRESHOLD,
+    ConflictDetector,
+    GateDecisions,
+    LabelConflictDetector,
+    check_decisions,
+    check_gate_labels,
+    describe_gate,
+    gate_inputs,
+)
 from .functional import (
     _modality_mass,
     _plan,
@@ -48,6 +60,7 @@ from .functional import (
 STRATEGIES = ("ar", "pai")
 PAI_MODES = ("logits", "weights")
 ROW_MODES = ("response", "all")
+GATES = ("conflict",)
 BASE_IMPLEMENTATIONS = ("sdpa", "eager")
 PREFIX = "mosear_"
 
@@ -62,14 +75,18 @@ class ReallocationSettings:
     pai_mode: str
     rows: str
     layers: frozenset[int]
+    gate: ConflictDetector | None = None
+    """Decides per call which samples AR acts on (``None``: all)."""
 
 
 @dataclass
 class AttentionReallocation:
-    """Yielded by :func:`attention_reallocation`: its settings and, with ``record=True``, the diagnostics."""
+    """Yielded by :func:`attention_reallocation`: its settings, with ``record=True`` the diagnostics, and with a gate
+    the decisions of every call made in the block, in order (each computed by and for that call alone)."""
 
     settings: ReallocationSettings
     diagnostics: ReallocationDiagnostics | None
+    gate_decisions: list[GateDecisions] = field(default_factory=list)
 
 
 @dataclass
@@ -77,10 +94,14 @@ class _Active:
     settings: ReallocationSettings
     scope: ContextScope
     diagnostics: ReallocationDiagnostics | None
+    target: nn.Module
+    gate_decisions: list[GateDecisions]
 
 
 # Attention modules of the models inside an `attention_reallocation` block, and what to do in them.
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, _Active] = weakref.WeakKeyDictionary()
+# True while a conflict detector runs its probes: every attention module runs its base implementation, unrecorded.
+_SUSPENDED: ContextVar[bool] = ContextVar("peft_mose_ar_suspended", default=False)
 
 
 @dataclass
@@ -102,6 +123,8 @@ class _Layout:
     visual: Tensor
     audio: Tensor
     masks: Tensor
+    gated: Tensor | None
+    """The samples the conflict gate lets AR act on, ``[batch]`` (``None``: no gate, all)."""
     rows: _Rows | None
     recorded: _Rows | None
     """With ``record=True``: the response rows, whose statistics are recorded at their key positions below."""
@@ -129,7 +152,9 @@ def _row_positions(rows: _Rows, q_len: int) -> Tensor:
     return torch.arange(q_len, device=rows.ok.device).expand_as(rows.ok)
 
 
-def _layout(state: StepLayout, batch: int, q_len: int, k_len: int, rows: str, record: bool) -> _Layout:
+def _layout(
+    state: StepLayout, batch: int, q_len: int, k_len: int, rows: str, record: bool, gated: Tensor | None
+) -> _Layout:
     key = (rows, record, k_len)
     if key in state.attention_layouts:
         return state.attention_layouts[key]
@@ -146,6 +171,8 @@ def _layout(state: StepLayout, batch: int, q_len: int, k_len: int, rows: str, re
     visual = valid & (ids == int(Modality.VISUAL))
     audio = valid & (ids == int(Modality.AUDIO))
     selected = state.valid if rows == "all" else state.response_rows
+    if gated is not None:
+        selected = selected & gated[:, None]
     recorded = _select_rows(state.new(state.response_rows)) if record else None
     layout = _Layout(
         modality_ids=ids,
@@ -153,6 +180,7 @@ def _layout(state: StepLayout, batch: int, q_len: int, k_len: int, rows: str, re
         visual=visual,
         audio=audio,
         masks=_stack_masks(visual, audio),
+        gated=gated,
         rows=_select_rows(state.new(selected)),
         recorded=recorded,
         recorded_positions=None if recorded is None else state.past_length + _row_positions(recorded, q_len),
@@ -210,7 +238,7 @@ def _new_weights(settings: ReallocationSettings, scores: Tensor, bias: Tensor | 
         c = _totals(visual_mass, audio_mass)[2]
         if check and not bool((c > settings.tau).any()):
             return weights
-        plan = _plan(visual_mass, audio_mass, c, settings.tau)
+        plan = _plan(visual_mass, audio_mass, c, settings.tau, layout.gated)
         if check and not bool(plan.biased.any()):
             return weights
         return weights + _reallocation_delta(weights, layout.masks, plan)
@@ -246,14 +274,16 @@ def _attend(
     for float64 inputs) attention weights changed by the strategy. When every row is chosen (decoding), the base is
     not run at all."""
     base_function = _base_function(base, module)
-    settings, state = active.settings, active.scope.step()
+    settings, context = active.settings, active.scope.current()
+    state = None if context is None else context.step
     apply = module.layer_idx in settings.layers and (settings.tau != math.inf or settings.strategy != "ar")
     record = active.diagnostics is not None
     if state is None or not (apply or record):
         return base_function(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
     if dropout > 0:
         raise ValueError("Attention reallocation is an inference-time method; call model.eval() (dropout > 0).")
-    layout = _layout(state, query.shape[0], query.shape[2], key.shape[2], settings.rows, record)
+    gated = _gated(settings, context, state)
+    layout = _layout(state, query.shape[0], query.shape[2], key.shape[2], settings.rows, record, gated)
 
     if record and layout.recorded is not None:
         scores, bias, before = _row_weights(module, query, key, mask, scaling, layout.recorded, kwargs)
@@ -281,6 +311,39 @@ def _attend(
     return output, weights_out
 
 
+def _gated(settings: ReallocationSettings, context: ModalityContext, state: StepLayout) -> Tensor | None:
+    """The call's conflict flags ``[batch]`` on the step's device, or ``None`` without a gate."""
+    if settings.gate is None:
+        return None
+    decisions = context.gate_decisions
+    if decisions is None or decisions.conflict.shape[0] != state.batch_size:
+        raise ValueError(
+            "The conflict gate has no decision for this forward's samples: it decides at the first forward of each "
+            "call made inside the block (a model call or generate), with the batch that call starts with."
+        )
+    return decisions.conflict.to(state.valid.device)
+
+
+def _gate_call_start(active: _Active, probe: nn.Module) -> Callable[[ModalityContext, tuple, dict], None]:
+    """The callback that runs the gate's detector at the start of each call on ``active``'s scope (when ``active``
+    is the block in force on the module ``probe``), with AR off, and stores its decisions in the call's context."""
+
+    def start(context: ModalityContext, args: tuple, kwargs: dict) -> None:
+        if _SUSPENDED.get() or _ACTIVE.get(probe) is not active or context.step is None:
+            return
+        inputs = gate_inputs(active.target, context.step, args, kwargs)
+        token = _SUSPENDED.set(True)
+        try:
+            with torch.no_grad(), active.scope.side_call(inputs.modality_ids):
+                decisions = active.settings.gate(inputs)
+        finally:
+            _SUSPENDED.reset(token)
+        context.gate_decisions = check_decisions(decisions, context.step.batch_size)
+        active.gate_decisions.append(decisions)
+
+    return start
+
+
 @functools.cache
 def _eager_function(module_class: type) -> Callable:
     """The eager attention function of the modeling file that defines ``module_class``."""
@@ -303,7 +366,7 @@ def _make_attention(base: str) -> Callable:
         scaling: float | None = None, dropout: float = 0.0, **kwargs: Any,
     ) -> tuple[Tensor, Tensor | None]:
         active = _ACTIVE.get(module)
-        if active is None:
+        if active is None or _SUSPENDED.get():
             return _base_function(base, module)(
                 module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
             )
@@ -371,6 +434,34 @@ def _choice(value: str, options: tuple[str, ...], name: str) -> str:
     return value
 
 
+def _check_gate(
+    gate: str | ConflictDetector | None, labels: Iterable[int] | None, threshold: float | None, strategy: str,
+    target: nn.Module,
+) -> ConflictDetector | None:
+    """The detector for ``gate`` (``None``, ``"conflict"`` or a callable), its options checked."""
+    if gate is None or callable(gate):
+        if labels is not None or threshold is not None:
+            raise ValueError("`gate_labels` and `gate_threshold` configure gate='conflict'; a custom detector or "
+                             "gate=None takes neither.")  # fmt: skip
+        if gate is None:
+            return None
+    else:
+        _choice(gate, GATES, "gate")
+        if labels is None:
+            raise ValueError("gate='conflict' needs `gate_labels`: the first token id of each emotion label "
+                             "(peft_mose.attention.label_token_ids(tokenizer, labels) gives them).")  # fmt: skip
+        output = target.get_output_embeddings()
+        vocab_size = output.weight.shape[0] if output is not None else None
+        threshold = DEFAULT_GATE_THRESHOLD if threshold is None else threshold
+        gate = LabelConflictDetector(check_gate_labels(labels, vocab_size), threshold)
+    if strategy != "ar":
+        raise ValueError(
+            f"A gate is for strategy='ar' only, got strategy={strategy!r}: PAI is kept as the paper's ungated "
+            "baseline (Table 7), which intervenes on every sample."
+        )
+    return gate
+
+
 @contextlib.contextmanager
 def attention_reallocation(
     model: nn.Module,
@@ -383,6 +474,9 @@ def attention_reallocation(
     alpha: float = 0.5,
     pai_mode: str = "logits",
     record: bool = False,
+    gate: str | ConflictDetector | None = None,
+    gate_labels: Iterable[int] | None = None,
+    gate_threshold: float | None = None,
 ) -> Iterator[AttentionReallocation]:
     """Reallocate attention in ``model`` (transformers or PEFT/MoSE) inside the block; restore it on exit.
 
@@ -393,6 +487,12 @@ def attention_reallocation(
     or ``"pai"`` (factor ``alpha``, ``pai_mode`` ``"logits"`` or ``"weights"``); ``layers`` restricts it to some
     layer indices; ``rows="all"`` applies it to every query row instead of the response rows; ``record=True`` fills
     ``.diagnostics`` for every response row, step by step (step 0: the first response token).
+
+    ``gate="conflict"`` applies AR only to the samples whose prompt is in modality conflict (:mod:`.gate`: two extra
+    forwards of each call's prompt, without audio and without visual tokens, compared on the label token ids
+    ``gate_labels``, e.g. from :func:`~.gate.label_token_ids`, with JS threshold ``gate_threshold``, default
+    :data:`~.gate.DEFAULT_GATE_THRESHOLD`); ``gate`` may also be a :class:`~.gate.ConflictDetector`. The other samples
+    are computed exactly as without AR. Each call's decisions are appended to ``.gate_decisions``.
     """
     target = _transformers_model(model)
     modules = _attention_modules(target)
@@ -404,6 +504,7 @@ def attention_reallocation(
         pai_mode=_choice(pai_mode, PAI_MODES, "pai_mode"),
         rows=_choice(rows, ROW_MODES, "rows"),
         layers=_check_layers(layers, num_layers),
+        gate=_check_gate(gate, gate_labels, gate_threshold, strategy, target),
     )
     scope = _mose_scope(model)
     if scope is not None and modality_ids is not None:
@@ -430,18 +531,23 @@ def attention_reallocation(
         for module in modules:
             _eager_function(type(module))
 
-    described = {**settings.__dict__, "layers": sorted(settings.layers)}
+    described = {**settings.__dict__, "layers": sorted(settings.layers), "gate": describe_gate(settings.gate)}
     diagnostics = ReallocationDiagnostics(settings=described) if record else None
     saved = {module: _ACTIVE.get(module) for module in modules}
+    result = AttentionReallocation(settings=settings, diagnostics=diagnostics)
+    active = _Active(settings, scope, diagnostics, target, result.gate_decisions)
     try:
         for module in modules:
-            _ACTIVE[module] = _Active(settings=settings, scope=scope, diagnostics=diagnostics)
+            _ACTIVE[module] = active
         target.set_attn_implementation(PREFIX + base)
         if target.config._attn_implementation != PREFIX + base:
             raise ValueError(f"{type(target).__name__} cannot switch its attention implementation at run time.")
         calls = scope.calls_of(target, modality_ids) if modality_ids is not None else contextlib.nullcontext()
-        with calls:
-            yield AttentionReallocation(settings=settings, diagnostics=diagnostics)
+        probes = contextlib.nullcontext()
+        if settings.gate is not None:
+            probes = scope.on_call_start(_gate_call_start(active, next(iter(modules))))
+        with calls, probes:
+            yield result
     finally:
         if target.config._attn_implementation != previous:
             target.set_attn_implementation(previous)

@@ -134,9 +134,12 @@ def plan_reallocation(visual_mass: Tensor, audio_mass: Tensor, tau: float) -> AR
     return _plan(visual_mass, audio_mass, _totals(visual_mass, audio_mass)[2], check_tau(tau))
 
 
-def _plan(visual_mass: Tensor, audio_mass: Tensor, c: Tensor, tau: float) -> ARPlan:
+def _plan(visual_mass: Tensor, audio_mass: Tensor, c: Tensor, tau: float, samples: Tensor | None = None) -> ARPlan:
+    """:func:`plan_reallocation`; ``samples`` (bool ``[batch]``, the conflict gate's flags) limits H_bias to them."""
     audio_if_balanced = c * visual_mass
     biased = (c > tau) & (visual_mass >= torch.finfo(visual_mass.dtype).tiny) & (audio_mass > audio_if_balanced)
+    if samples is not None:
+        biased = biased & samples[:, None, None]
     moved = torch.where(biased, (audio_mass - audio_if_balanced) / (1 + c), 0.0)
     change = moved.unsqueeze(-1) / torch.stack((visual_mass, -audio_mass), dim=-1)
     return ARPlan(biased=biased, moved=moved, change=torch.where(biased.unsqueeze(-1), change, 0.0))

@@ -1,4 +1,5 @@
-"""Collect the per-step attention diagnostics of a model on a batch and draw them like the paper's Fig. 3(a)-(b).
+"""Collect the per-step attention diagnostics of a model on a batch and draw them like the paper's Fig. 3(a)-(b), and
+draw the conflict gate's decisions (:func:`plot_gate_decisions`).
 
 Command line (writes ``diagnostics.json``, ``uap_per_layer.png`` and one ``token_weights_sample<b>.png`` per
 sample)::
@@ -34,6 +35,7 @@ from ..modality import Modality
 from ..model import is_mose_model
 from .backend import attention_reallocation
 from .diagnostics import ReallocationDiagnostics, StepDiagnostics
+from .gate import GateDecisions
 
 DEFAULT_NEW_TOKENS = 64
 """Tokens the command generates for a step other than 0 when ``--max-new-tokens`` is not given."""
@@ -217,6 +219,47 @@ def plot_diagnostics(
             paths[-1], dpi=120
         )
     return paths
+
+
+def plot_gate_decisions(
+    decisions: GateDecisions, path: str | Path, *, label_names: Sequence[str] | None = None
+) -> Path:
+    """Write one panel per sample of a call's conflict-gate decisions to ``path`` (e.g. ``gate.png``): the label
+    distribution without audio (visual evidence) next to the one without visual tokens (audio evidence), titled with
+    their JS divergence and the verdict. ``label_names`` (default: the token ids) name the labels."""
+    if decisions.without_audio is None or decisions.without_visual is None:
+        raise ValueError("These decisions hold no label distributions (a custom detector's); nothing to draw.")
+    without_audio, without_visual = decisions.without_audio.cpu(), decisions.without_visual.cpu()
+    batch, count = without_audio.shape
+    names = list(label_names) if label_names is not None else [str(i) for i in (decisions.labels or range(count))]
+    if len(names) != count:
+        raise ValueError(f"`label_names` has {len(names)} names for {count} labels.")
+    columns = min(batch, 4)
+    rows = -(-batch // columns)
+    fig = Figure(figsize=(max(3.0, 0.5 * count + 1.5) * columns, 2.8 * rows))
+    axes = fig.subplots(rows, columns, squeeze=False).ravel()
+    x, width = np.arange(count, dtype=float), 0.4
+    for b, ax in enumerate(axes):
+        if b >= batch:
+            ax.set_axis_off()
+            continue
+        ax.bar(x - width / 2, without_audio[b].tolist(), width, color=COLORS[Modality.VISUAL], label="without audio")
+        ax.bar(x + width / 2, without_visual[b].tolist(), width, color=COLORS[Modality.AUDIO], label="without visual")
+        compared = decisions.compared is None or bool(decisions.compared[b])
+        verdict = "conflict: AR" if bool(decisions.conflict[b]) else "consistent" if compared else "not compared"
+        divergence = "" if decisions.divergence is None else f", JS {float(decisions.divergence[b]):.3f}"
+        ax.set_title(f"sample {b}: {verdict}{divergence}", fontsize="medium")
+        ax.set_xticks(x, names, rotation=45 if count > 4 else 0, fontsize="small")
+        ax.set_ylim(0, 1)
+    axes[0].set_ylabel("label probability")
+    axes[0].legend(fontsize="small")
+    threshold = "" if decisions.threshold is None else f" (JS threshold {decisions.threshold:g})"
+    fig.suptitle(f"Conflict gate{threshold}")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path
 
 
 def load_batch(path: str | Path) -> dict[str, Tensor]:
