@@ -486,3 +486,32 @@ def test_evaluate_model_mode_rejects_bad_options(default_run, tmp_path, capsys, 
         evaluate_cli.main(base + argv)
     assert message in capsys.readouterr().err
     assert not (tmp_path / "eval").exists()
+
+
+def test_evaluate_gated_ar_reports_the_trade_off_and_leaves_ungated_answers_alone(default_run, tmp_path):
+    out, _ = default_run
+    eval_dir = tmp_path / "eval"
+    assert evaluate_cli.main(["--task", "recognition", "--run_dir", str(out), "--out_dir", str(eval_dir),
+                              "--strategies", "none,ar,ar+gate", "--tau", "0", "--gate_threshold", "0.001",
+                              "--max_new_tokens", "3"]) == 0  # fmt: skip
+    read = lambda name: [json.loads(line) for line in (eval_dir / name).read_text().splitlines()]  # noqa: E731
+    plain, gated = read("predictions_none.jsonl"), read("predictions_ar+gate.jsonl")
+    assert all("gated" in r for r in gated) and all("gated" not in r for r in plain)
+    assert 0 < sum(r["gated"] for r in gated) < len(gated)  # both kinds occur, so both checks below bite
+    for before, after in zip(plain, gated):  # a sample the gate leaves alone is answered exactly as without AR
+        assert after["gated"] or after["prediction"] == before["prediction"], after["id"]
+    subsets = {json.loads(line)["id"]: json.loads(line)["subset"]
+               for line in (eval_dir / "references.jsonl").read_text().splitlines()}  # fmt: skip
+    summary = {row["strategy"]: row for row in json.loads((eval_dir / "scores.json").read_text())}
+    report = summary["ar+gate"]["trade_off"]
+    for subset in SUBSETS:
+        members = [r for r in gated if subsets[r["id"]] == subset]
+        assert report["gated_fraction"][subset] == pytest.approx(sum(r["gated"] for r in members) / len(members))
+        changed = sum(a["prediction"] != b["prediction"] for a, b in zip(gated, plain) if subsets[a["id"]] == subset)
+        assert report["changed_vs_none"][subset] == changed
+    assert set(report["detector"]) == {"precision", "recall"} and "gated_fraction" not in summary["ar"]["trade_off"]
+    assert "| MoSE + AR (gated) |" in (eval_dir / "scores.md").read_text()
+    with pytest.raises(SystemExit):
+        evaluate_cli.main(["--task", "recognition", "--run_dir", str(out), "--out_dir", str(tmp_path / "bad"),
+                           "--strategies", "ar+gate", "--gate_threshold", "2"])  # fmt: skip
+    assert not (tmp_path / "bad").exists()

@@ -8,6 +8,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+from peft_mose.attention import DEFAULT_GATE_THRESHOLD
 from peft_mose.metrics import (
     DEFAULT_GROUPING,
     LABEL_PARSERS,
@@ -42,7 +43,7 @@ Scoring an existing predictions file (no model needed):
 Generating the answers first, with a run of recipes/merr_finetune.py (MoSE) or the base model (Emotion-LLaMA), with
 and without attention reallocation (PAI for comparison):
 
-  python recipes/merr_evaluate.py --task recognition --run_dir runs/stage2 --out_dir out/eval --strategies none,ar,pai
+  python recipes/merr_evaluate.py --task recognition --run_dir runs/stage2 --out_dir out/eval --strategies none,ar,ar+gate,pai
   python recipes/merr_evaluate.py --task reasoning --model_name_or_path Llama-2-7b-chat-hf --data_root MERR \\
       --projector_checkpoint Emotion_LLaMA.pth --annotation test.txt --out_dir out/eval --strategies none,ar
 
@@ -76,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="prompt of the reasoning task: reason_v2 (fine-grained) or reason (coarse)")  # fmt: skip
     model.add_argument("--strategies", default="none,ar", help=f"comma-separated, one table row each: {STRATEGIES}")
     model.add_argument("--tau", type=float, default=1.0, help="AR threshold")
+    model.add_argument("--gate_threshold", type=float, default=DEFAULT_GATE_THRESHOLD,
+                       help="ar+gate: JS divergence (nats) above which a sample counts as a conflict")  # fmt: skip
     model.add_argument("--alpha", type=float, default=0.5, help="PAI amplification")
     model.add_argument("--pai_mode", choices=("logits", "weights"), default="logits", help="what PAI amplifies")
     model.add_argument("--layers", help="comma-separated layer indices for AR/PAI (default: all)")
@@ -150,6 +153,7 @@ def _run_model(args: argparse.Namespace, scoring: ScoringConfig) -> int:
         strategies=[s.strip() for s in args.strategies.split(",") if s.strip()],
         tau=args.tau,
         alpha=args.alpha,
+        gate_threshold=args.gate_threshold,
         pai_mode=args.pai_mode,
         layers=[int(v) for v in args.layers.split(",")] if args.layers else None,
         batch_size=args.batch_size,

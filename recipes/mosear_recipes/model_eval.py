@@ -11,9 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from sklearn.metrics import precision_score, recall_score
 
 from peft_mose._versions import environment
+from peft_mose.attention import DEFAULT_GATE_THRESHOLD, label_token_ids
 from peft_mose.attention.backend import PAI_MODES
+from peft_mose.attention.gate import check_gate_threshold
 
 from .emotion_llama.baseline import load_baseline
 from .emotion_llama.features import FeatureSpec
@@ -25,7 +28,7 @@ from .merr.references import merr_references
 from .merr.synthetic import FILES as SYNTHETIC_FILES
 from .merr.tasks import TASKS
 from .modeling import load_trained
-from .plots import plot_scores
+from .plots import SUBSET_TITLES, plot_scores
 from .run_config import RUN_CONFIG, RunConfig
 from .scoring import (
     Reference,
@@ -39,13 +42,17 @@ from .scoring import (
 
 logger = logging.getLogger(__name__)
 
-STRATEGIES = ("none", "ar", "pai")
+STRATEGIES = ("none", "ar", "ar+gate", "pai")
+"""``ar+gate``: AR only on the samples the conflict gate flags (``docs/ar.md``, "The conflict gate")."""
+CONFLICT_SUBSETS = ("video_aligned", "audio_aligned")
+"""The CA-MER subsets whose face and voice disagree: what the gate should flag (``consistent`` should not be)."""
 REASONING_TASKS = ("reason_v2", "reason")
 """Prompts of the reasoning task: ``reason_v2`` answers with the fine-grained ``smp_reason_caption`` (Emotion-LLaMA's
 EMER evaluation and MoSEAR's stage 2), ``reason`` with the coarse-grained ``caption``."""
 MAX_NEW_TOKENS = {"recognition": 8, "reasoning": 500}
 """Default generation lengths: a label and ``</s>``; an explanation (Emotion-LLaMA's EMER evaluation uses 500)."""
 ROW_NAMES = {"run": "MoSE", "base": "Emotion-LLaMA"}
+ROW_SUFFIXES = {"ar": " + AR", "ar+gate": " + AR (gated)", "pai": " + PAI", "none": ""}
 
 
 @dataclass
@@ -68,6 +75,7 @@ class ModelEvalConfig:
     tau: float = 1.0
     alpha: float = 0.5
     pai_mode: str = "logits"
+    gate_threshold: float = DEFAULT_GATE_THRESHOLD
     layers: Sequence[int] | None = None
     batch_size: int = 8
     max_new_tokens: int | None = None
@@ -128,6 +136,7 @@ def check_config(config: ModelEvalConfig) -> None:
     unknown = [s for s in config.strategies if s not in STRATEGIES]
     if unknown or not config.strategies:
         raise ValueError(f"Unknown strategies {unknown or list(config.strategies)!r}; choose from {list(STRATEGIES)}.")
+    check_gate_threshold(config.gate_threshold)
     if config.pai_mode not in PAI_MODES:
         raise ValueError(f"--pai_mode must be one of {list(PAI_MODES)}, got {config.pai_mode!r}.")
     if config.reasoning_task not in REASONING_TASKS:
@@ -187,15 +196,70 @@ def load_model(config: ModelEvalConfig, spec: FeatureSpec) -> tuple[EmotionLlama
     return model.to(device), encoder
 
 
-def reallocation_options(strategy: str, config: ModelEvalConfig) -> dict | None:
-    """``None`` for ``none``; otherwise the :func:`~peft_mose.attention_reallocation` options of AR or PAI (the
-    model passes its modality ids along, MoSE or not)."""
+def reallocation_options(
+    strategy: str, config: ModelEvalConfig, gate_labels: Sequence[int] | None = None
+) -> dict | None:
+    """``None`` for ``none``; otherwise the :func:`~peft_mose.attention_reallocation` options of AR, gated AR (over
+    the label tokens ``gate_labels``) or PAI (the model passes its modality ids along, MoSE or not)."""
     if strategy == "none":
         return None
-    return {
-        "tau": config.tau, "strategy": strategy, "alpha": config.alpha, "pai_mode": config.pai_mode,
-        "layers": config.layers,
+    options = {
+        "tau": config.tau, "strategy": strategy.removesuffix("+gate"), "alpha": config.alpha,
+        "pai_mode": config.pai_mode, "layers": config.layers,
     }  # fmt: skip
+    if strategy == "ar+gate":
+        options.update(gate="conflict", gate_labels=gate_labels, gate_threshold=config.gate_threshold)
+    return options
+
+
+def trade_off(
+    references: Sequence[Reference], predictions: Mapping[str, str], plain: Mapping[str, str] | None,
+    gated: Mapping[str, bool] | None,
+) -> dict[str, object]:  # fmt: skip
+    """Per subset: how many answers differ from the plain model's (``plain``; the claim to check is that AR changes
+    none on ``consistent``), and with a gate the fraction of samples it flagged; over the samples with a subset, the
+    gate's precision and recall against the subsets (video- and audio-aligned: conflict, consistent: not)."""
+    subsets = sorted({r.subset for r in references if r.subset is not None})
+    report: dict[str, object] = {}
+    if plain is not None:
+        report["changed_vs_none"] = {
+            s: sum(predictions[r.id] != plain[r.id] for r in references if r.subset == s) for s in subsets
+        }
+    if gated:
+        report["gated_fraction"] = {
+            s: sum(gated[r.id] for r in references if r.subset == s) / sum(r.subset == s for r in references)
+            for s in subsets
+        }
+        labelled = [r for r in references if r.subset is not None]
+        if labelled:
+            truth = [r.subset in CONFLICT_SUBSETS for r in labelled]
+            flags = [gated[r.id] for r in labelled]
+            report["detector"] = {
+                "precision": float(precision_score(truth, flags, zero_division=0)),
+                "recall": float(recall_score(truth, flags, zero_division=0)),
+            }
+    return report
+
+
+def trade_off_table(summary: Sequence[Mapping[str, object]]) -> str:
+    """Markdown: per strategy, the answers changed against the plain model and the gate's share, per subset."""
+    rows = [row for row in summary if row.get("trade_off", {}).get("changed_vs_none") is not None]
+    if not rows:
+        return ""
+    subsets = list(rows[0]["trade_off"]["changed_vs_none"])
+    titles = [SUBSET_TITLES[s] for s in subsets]
+    lines = ["| Strategy | " + " | ".join(f"{t} changed" for t in titles) + " | " +
+             " | ".join(f"{t} gated" for t in titles) + " | Gate precision | Gate recall |",
+             "|---" * (1 + 2 * len(subsets) + 2) + "|"]  # fmt: skip
+    for row in rows:
+        report = row["trade_off"]
+        changed = [str(report["changed_vs_none"][s]) for s in subsets]
+        fractions = report.get("gated_fraction")
+        gated = [f"{100 * fractions[s]:.1f}%" if fractions else "-" for s in subsets]
+        detector = report.get("detector")
+        quality = [f"{100 * detector[k]:.1f}" if detector else "-" for k in ("precision", "recall")]
+        lines.append(f"| {row['name']} | " + " | ".join(changed + gated + quality) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def evaluate_model(config: ModelEvalConfig) -> list[tuple[str, Mapping[str, object]]]:
@@ -223,24 +287,36 @@ def evaluate_model(config: ModelEvalConfig) -> list[tuple[str, Mapping[str, obje
     prefix = config.name or ROW_NAMES[config.kind]
     rows: list[tuple[str, Mapping[str, object]]] = []
     summary = []
+    answers: dict[str, dict[str, str]] = {}
+    gate_labels = label_token_ids(encoder.tokenizer, config.scoring.labels) if "ar+gate" in strategies else None
     for strategy in strategies:
+        gated: dict[str, bool] = {}
         with torch.no_grad():
             predictions = generate_predictions(
                 model, dataset, encoder, device, config.batch_size, max_new_tokens, task=config.prompt_task,
-                reallocation=reallocation_options(strategy, config),
+                reallocation=reallocation_options(strategy, config, gate_labels), gated=gated,
             )
-        records = [{"id": r.id, "prediction": predictions[r.id]} for r in references]
+        answers[strategy] = predictions
+        records = [{"id": r.id, "prediction": predictions[r.id], **({"gated": gated[r.id]} if gated else {})}
+                   for r in references]  # fmt: skip
         write_jsonl(out / f"predictions_{strategy}.jsonl", records)
         result, per_sample = score(predictions, references, config.scoring)
         warn_skipped(per_sample, config.scoring.task)
         result["settings"]["generation"] = {**generation, **_strategy_settings(strategy, config)}
         for row in per_sample:
             row["prediction"] = predictions[row["id"]]
-        name = prefix if strategy == "none" else f"{prefix} + {strategy.upper()}"
+        name = prefix + ROW_SUFFIXES[strategy]
         write_report(result, per_sample, out / strategy, name=name)
         rows.append((name, result))
-        summary.append({"name": name, "strategy": strategy, **result, "environment": environment()})
-    (out / "scores.md").write_text(markdown_table(rows), encoding="utf-8")
+        entry = {"name": name, "strategy": strategy, **result, "environment": environment()}
+        if strategy != "none":
+            entry["trade_off"] = trade_off(references, predictions, answers.get("none"), gated)
+        summary.append(entry)
+    table = markdown_table(rows)
+    trade_offs = trade_off_table(summary)
+    if trade_offs:
+        table += "\nAnswers changed against the plain model, and the gate's decisions, per subset:\n\n" + trade_offs
+    (out / "scores.md").write_text(table, encoding="utf-8")
     (out / "scores.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     plot_scores(rows, out / "scores.png")
     return rows
@@ -250,6 +326,9 @@ def _strategy_settings(strategy: str, config: ModelEvalConfig) -> dict[str, obje
     layers = sorted(config.layers) if config.layers is not None else "all"
     if strategy == "ar":
         return {"strategy": strategy, "tau": config.tau, "layers": layers}
+    if strategy == "ar+gate":
+        return {"strategy": strategy, "tau": config.tau, "layers": layers, "gate": "conflict",
+                "gate_threshold": config.gate_threshold, "gate_labels": list(config.scoring.labels)}  # fmt: skip
     if strategy == "pai":
         return {"strategy": strategy, "alpha": config.alpha, "pai_mode": config.pai_mode, "layers": layers}
     return {"strategy": strategy}

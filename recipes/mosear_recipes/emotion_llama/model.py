@@ -18,7 +18,7 @@ from transformers import (
 )
 
 from peft_mose import Modality, is_mose_model
-from peft_mose.attention import attention_reallocation
+from peft_mose.attention import AttentionReallocation, attention_reallocation
 from peft_mose.layout import insert_embeddings, prompt_only
 
 from .projectors import FEATURE_KEYS, EmotionLlamaProjectors
@@ -130,11 +130,17 @@ class EmotionLlama(nn.Module):
 
     @torch.no_grad()
     def generate(
-        self, batch: Mapping[str, torch.Tensor], reallocation: Mapping[str, Any] | None = None, **gen_kwargs
+        self,
+        batch: Mapping[str, torch.Tensor],
+        reallocation: Mapping[str, Any] | None = None,
+        reallocation_log: list[AttentionReallocation] | None = None,
+        **gen_kwargs,
     ) -> torch.Tensor:
         """Generate from the prompts of ``batch`` (its answer tokens, if any, are dropped; prompts are left padded),
         under :func:`~peft_mose.attention_reallocation` with the options ``reallocation`` (``tau``, ``strategy``,
-        ...) when given. Returns the generated token ids only, [B, new_tokens]."""
+        ``gate``, ...) when given; its :class:`~peft_mose.attention.AttentionReallocation` (diagnostics, gate
+        decisions) is appended to ``reallocation_log`` when given. Returns the generated token ids only,
+        [B, new_tokens]."""
         prompts = prompt_only(
             batch["input_ids"], batch["attention_mask"], batch["modality_ids"], self.pad_token_id, padding_side="left"
         )
@@ -145,7 +151,9 @@ class EmotionLlama(nn.Module):
         if reallocation is not None:
             ids = None if self.takes_modality_ids else prompts["modality_ids"]
             block = attention_reallocation(self.llm, modality_ids=ids, **reallocation)
-        with block:
+        with block as active:
+            if reallocation_log is not None and active is not None:
+                reallocation_log.append(active)
             return self.llm.generate(**inputs, **gen_kwargs)
 
     def activation_checkpointing_enable(self, **kwargs) -> None:
