@@ -17,10 +17,12 @@ from transformers.trainer_pt_utils import AcceleratorConfig
 
 
 def needs_cpu_deepspeed_state(args: TrainingArguments) -> bool:
-    """Whether ``args`` ask for DeepSpeed in a launched process (``LOCAL_RANK`` set) on a machine without any
-    accelerator: there accelerate (1.15) leaves its backend unset and counts every rank as process 0 of 1."""
+    """Whether DeepSpeed is asked for (``--deepspeed``, or ``accelerate launch`` with a DeepSpeed config, which sets
+    ``ACCELERATE_USE_DEEPSPEED``) in a launched process (``LOCAL_RANK`` set) on a machine without any accelerator:
+    there accelerate (1.15) leaves its backend unset and counts every rank as process 0 of 1."""
     launched = int(os.environ.get("LOCAL_RANK", -1)) != -1
-    return bool(args.deepspeed) and launched and not args.use_cpu and not torch.accelerator.is_available()
+    deepspeed = bool(args.deepspeed) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    return deepspeed and launched and not args.use_cpu and not torch.accelerator.is_available()
 
 
 def share_cpu_deepspeed_state(args: TrainingArguments) -> None:
