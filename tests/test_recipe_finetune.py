@@ -134,7 +134,6 @@ def test_stage2_starts_from_stage1_and_reloads(default_run, stage2_run):
     with torch.no_grad():
         assert torch.equal(load_trained(stage2_run).model(**batch).logits, logits)
         assert not torch.allclose(load_trained(first).model(**batch).logits, logits)
-    # its first step started from stage 1's weights: the logged loss is stage 1's model's, not a fresh adapter's
     assert json.loads((stage2_run / f"checkpoint-{STEPS}" / "trainer_state.json").read_text())["global_step"] == STEPS
 
 
