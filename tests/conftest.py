@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import os
+import socket
 
 import pytest
 import torch
@@ -81,3 +83,19 @@ def layout(batch: int = 2, seq: int = 16, seed: int = 0) -> torch.Tensor:
 def random_tokens(batch: int = 2, seq: int = 16, seed: int = 0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (batch, seq), generator=gen)
+
+
+def free_port() -> int:
+    """A free TCP port on localhost, for one launcher run."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def extensions_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Where DeepSpeed compiles its CPU ops (about a minute, once): pytest's cache, so later sessions reuse them."""
+    if "TORCH_EXTENSIONS_DIR" in os.environ:
+        return os.environ["TORCH_EXTENSIONS_DIR"]
+    cache = getattr(request.config, "cache", None)
+    return str(cache.mkdir("torch_extensions") if cache is not None else tmp_path_factory.mktemp("torch_extensions"))

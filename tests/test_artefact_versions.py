@@ -28,7 +28,8 @@ def test_scores_json_records_the_environment(tmp_path):
 
 
 def test_run_config_and_evaluation_record_the_environment(tiny, tmp_path):
-    args = [str(TINY_CONFIG), "--tiny_setup", "false", "--model_name_or_path", str(tiny.model_dir), "--data_root", str(tiny.data.root), "--output_dir",
+    args = [str(TINY_CONFIG), "--tiny_setup", "false", "--model_name_or_path", str(tiny.model_dir), "--data_root",
+            str(tiny.data.root), "--output_dir",
             str(tmp_path), *ONE_STEP]  # fmt: skip
     finetune.main(args)
     assert_environment(RunConfig.read(tmp_path).environment)

@@ -1,4 +1,5 @@
-"""recipes/merr_evaluate.py --pai_mode: both PAI variants of Table 7 from the command line, down to the attention block."""
+"""recipes/merr_evaluate.py --pai_mode: both PAI variants of Table 7 from the command line, down to the attention
+block."""
 
 from __future__ import annotations
 

@@ -85,9 +85,12 @@ def assert_matches_reference(decisions, expected):
     assert decisions.compared.tolist() == [e["compared"] for e in expected]
     assert decisions.top_without_audio.tolist() == [e["top"][0] for e in expected]
     assert decisions.top_without_visual.tolist() == [e["top"][1] for e in expected]
-    torch.testing.assert_close(decisions.without_audio, torch.tensor([e["p"] for e in expected], dtype=torch.float64), atol=1e-5, rtol=0)
-    torch.testing.assert_close(decisions.without_visual, torch.tensor([e["q"] for e in expected], dtype=torch.float64), atol=1e-5, rtol=0)
-    torch.testing.assert_close(decisions.divergence, torch.tensor([e["js"] for e in expected], dtype=torch.float64), atol=1e-6, rtol=1e-3)
+    def column(key: str) -> torch.Tensor:
+        return torch.tensor([e[key] for e in expected], dtype=torch.float64)
+
+    torch.testing.assert_close(decisions.without_audio, column("p"), atol=1e-5, rtol=0)
+    torch.testing.assert_close(decisions.without_visual, column("q"), atol=1e-5, rtol=0)
+    torch.testing.assert_close(decisions.divergence, column("js"), atol=1e-6, rtol=1e-3)
 
 
 @pytest.mark.parametrize("side", ["left", "right"])

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,8 @@ import pytest
 import torch
 from peft import get_peft_model_state_dict
 from safetensors.torch import load_file
+
+from conftest import free_port
 
 from mosear_recipes.modeling import load_trained, read_reference_outputs
 from mosear_recipes.run_config import ADAPTER_DIR, REFERENCE_FILE, RUN_CONFIG
@@ -65,26 +66,11 @@ rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else -
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def extensions_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """Where DeepSpeed compiles its CPU ops (about a minute, once): pytest's cache, so later sessions reuse them."""
-    if "TORCH_EXTENSIONS_DIR" in os.environ:
-        return os.environ["TORCH_EXTENSIONS_DIR"]
-    cache = getattr(request.config, "cache", None)
-    return str(cache.mkdir("torch_extensions") if cache is not None else tmp_path_factory.mktemp("torch_extensions"))
-
-
 def run_accelerate(config: Path, script: Path, script_args: list[str], extensions_dir: str) -> None:
     """``accelerate launch --config_file config --num_processes 2 script ...`` on CPU with its own port; afterwards
     remove any shared-memory all-reduce buffers of DeepSpeed's CPU backend left in ``/dev/shm`` (they carry the port in
     their name) and check that none is left."""
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": extensions_dir}
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
     command = [accelerate, "launch", "--config_file", str(config), "--num_processes", "2",

@@ -10,7 +10,6 @@ import os
 import pickle
 import runpy
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,8 @@ import pytest
 import torch
 from peft import get_peft_model_state_dict
 from safetensors.torch import load_file
+
+from conftest import free_port
 
 from peft_mose import Modality
 from mosear_recipes import evaluate_cli, finetune
@@ -79,7 +80,8 @@ def test_default_run_writes_adapter_projectors_config_curve_and_table(default_ru
 
     config = RunConfig.read(out)
     assert config.config_file == str(TINY_CONFIG)
-    assert (config.stage.name, config.stage.learning_rate, config.stage.tasks) == ("coarse", 3e-3, ("emotion", "reason"))
+    stage = config.stage
+    assert (stage.name, stage.learning_rate, stage.tasks) == ("coarse", 3e-3, ("emotion", "reason"))
     assert config.arguments["training"]["weight_decay"] == 0.05 and config.arguments["schedule"]["iters_per_epoch"] == 4
     assert config.arguments["data"]["val_size"] == 30 and config.environment["torch"] == torch.__version__
     assert Path(config.model_name_or_path) == out / "tiny" / "model"
@@ -306,28 +308,13 @@ def test_resume_ends_in_the_state_of_the_uninterrupted_run(default_run, tmp_path
 # --- DeepSpeed launches (subprocesses on CPU) ---
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def extensions_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """Where DeepSpeed compiles its CPU ops (about a minute, once): pytest's cache, so later sessions reuse them."""
-    if "TORCH_EXTENSIONS_DIR" in os.environ:
-        return os.environ["TORCH_EXTENSIONS_DIR"]
-    cache = getattr(request.config, "cache", None)
-    return str(cache.mkdir("torch_extensions") if cache is not None else tmp_path_factory.mktemp("torch_extensions"))
-
-
 def run_deepspeed(
     launcher_args: list[str], script_args: list[str], extensions_dir: str, script: Path = SCRIPT, check: bool = True
 ) -> subprocess.CompletedProcess:
     """Run ``script`` under the ``deepspeed`` launcher on CPU with its own port (``check``: it must succeed);
     afterwards remove the shared-memory all-reduce buffers the run left in ``/dev/shm`` (they carry the port in their
     name)."""
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": extensions_dir}
     deepspeed = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
     command = [deepspeed, *launcher_args, "--master_port", str(port), str(script), *script_args]
@@ -455,7 +442,8 @@ def test_evaluate_generates_and_scores_reasoning_with_a_trained_run(default_run,
 
     out, _ = default_run
     eval_dir = tmp_path / "eval"
-    assert evaluate_cli.main(["--task", "reasoning", "--run_dir", str(out), "--out_dir", str(eval_dir), "--name", "MoSEAR",
+    assert evaluate_cli.main(["--task", "reasoning", "--run_dir", str(out), "--out_dir", str(eval_dir),
+                              "--name", "MoSEAR",
                           "--strategies", "none,ar", "--tau", "0", "--max_new_tokens", "8"]) == 0  # fmt: skip
     summary = json.loads((eval_dir / "scores.json").read_text())
     assert [row["name"] for row in summary] == ["MoSEAR", "MoSEAR + AR"]

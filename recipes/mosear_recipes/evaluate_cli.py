@@ -43,7 +43,8 @@ Scoring an existing predictions file (no model needed):
 Generating the answers first, with a run of recipes/merr_finetune.py (MoSE) or the base model (Emotion-LLaMA), with
 and without attention reallocation (PAI for comparison):
 
-  python recipes/merr_evaluate.py --task recognition --run_dir runs/stage2 --out_dir out/eval --strategies none,ar,ar+gate,pai
+  python recipes/merr_evaluate.py --task recognition --run_dir runs/stage2 --out_dir out/eval \\
+      --strategies none,ar,ar+gate,pai
   python recipes/merr_evaluate.py --task reasoning --model_name_or_path Llama-2-7b-chat-hf --data_root MERR \\
       --projector_checkpoint Emotion_LLaMA.pth --annotation test.txt --out_dir out/eval --strategies none,ar
 

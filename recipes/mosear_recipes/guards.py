@@ -89,7 +89,8 @@ class NonFiniteGuard(TrainerCallback):
 
 class GuardedTrainer(Trainer):
     """``Trainer`` that stops on non-finite values (:class:`NonFiniteGuard`), gives every checkpoint a manifest before
-    it rotates old ones out (:class:`~mosear_recipes.integrity.CheckpointManifests`, which takes over ``save_total_limit``),
+    it rotates old ones out (:class:`~mosear_recipes.integrity.CheckpointManifests`, which takes over
+    ``save_total_limit``),
     and turns a failed checkpoint save (a full disk) into an error that names it, after removing what it left."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -115,7 +116,8 @@ class GuardedTrainer(Trainer):
 
     def train(self, *args: Any, **kwargs: Any):
         """Trainer's ``train``; an error while a checkpoint was being saved becomes a
-        :class:`~mosear_recipes.integrity.CheckpointError` naming it (see :func:`~mosear_recipes.integrity.save_failure`)."""
+        :class:`~mosear_recipes.integrity.CheckpointError` naming it (see
+        :func:`~mosear_recipes.integrity.save_failure`)."""
         try:
             return super().train(*args, **kwargs)
         except NonFiniteError:

@@ -28,7 +28,7 @@ from .merr.collator import MERRCollator
 from .merr.dataset import SUBTITLE_FILE, MERRDataset, MERRRecord
 from .merr.readers import read_subtitles
 from .merr.tasks import TASKS
-from .model_eval import MAX_NEW_TOKENS, _missing, load_model, reallocation_options
+from .model_eval import MAX_NEW_TOKENS, check_base_weights, check_exists, load_model, reallocation_options
 from .run_config import RunConfig
 
 logger = logging.getLogger(__name__)
@@ -117,22 +117,15 @@ def check_config(config: InferenceConfig) -> None:
     weights = {"--projector_checkpoint": config.projector_checkpoint, "--projectors": config.projectors}
     projector_options = [option for option, value in weights.items() if value is not None]
     if config.kind == "run":
-        _missing(config.run_dir, "the run folder", "--run_dir")
+        check_exists(config.run_dir, "the run folder", "--run_dir")
         given = projector_options + (["--feature_spec"] if config.feature_spec is not None else [])
         if given:
             raise ValueError(
                 f"{' and '.join(given)} go with --model_name_or_path: a run has its own projectors and feature spec."
             )
     else:
-        _missing(config.model_name_or_path, "the LLM folder", "--model_name_or_path")
-        if len(projector_options) != 1:
-            raise ValueError(
-                "--model_name_or_path needs the projector weights: --projector_checkpoint (an Emotion-LLaMA or "
-                "MiniGPT-v2 .pth, its LoRA included) or --projectors (a projectors.safetensors)"
-                + (", not both." if projector_options else ".")
-            )
-        _missing(config.projector_checkpoint, "the checkpoint", "--projector_checkpoint")
-        _missing(config.projectors, "the projector weights", "--projectors")
+        check_exists(config.model_name_or_path, "the LLM folder", "--model_name_or_path")
+        check_base_weights(config.projector_checkpoint, config.projectors)
     _check_sample_options(config)
     if config.task not in TASKS:
         raise ValueError(f"--task must be one of {list(TASKS)}, got {config.task!r}.")
@@ -193,7 +186,7 @@ def sample_record(config: InferenceConfig, spec: FeatureSpec) -> MERRRecord:
         files = {kind: Path(path) for kind, path in config.feature_files.items()}
         return MERRRecord(files["eva"].stem, "", config.subtitle, answers, **files)
     data_root = Path(config.data_root or RunConfig.read(config.run_dir).data_root)
-    _missing(data_root, "the data folder (recorded by the run unless given)", "--data_root")
+    check_exists(data_root, "the data folder (recorded by the run unless given)", "--data_root")
     subtitle_file = data_root / SUBTITLE_FILE
     subtitles = read_subtitles(subtitle_file)
     name = config.sample_id

@@ -93,9 +93,21 @@ class ModelEvalConfig:
         return "emotion" if self.scoring.task == "recognition" else self.reasoning_task
 
 
-def _missing(path: Path | None, what: str, option: str) -> None:
+def check_exists(path: Path | None, what: str, option: str) -> None:
     if path is not None and not Path(path).exists():
         raise FileNotFoundError(f"{option} {path}: {what} does not exist.")
+
+
+def check_base_weights(projector_checkpoint: Path | None, projectors: Path | None) -> None:
+    """The base model's projector weights: exactly one of ``--projector_checkpoint`` and ``--projectors``, existing."""
+    if (projector_checkpoint is None) == (projectors is None):
+        raise ValueError(
+            "--model_name_or_path needs the projector weights: --projector_checkpoint (an Emotion-LLaMA or "
+            "MiniGPT-v2 .pth, its LoRA included) or --projectors (a projectors.safetensors)"
+            + (", not both." if projector_checkpoint is not None else ".")
+        )
+    check_exists(projector_checkpoint, "the checkpoint", "--projector_checkpoint")
+    check_exists(projectors, "the projector weights", "--projectors")
 
 
 def check_config(config: ModelEvalConfig) -> None:
@@ -107,7 +119,7 @@ def check_config(config: ModelEvalConfig) -> None:
     given = {"--projector_checkpoint": config.projector_checkpoint, "--projectors": config.projectors}
     projector_options = [option for option, value in given.items() if value is not None]
     if config.kind == "run":
-        _missing(config.run_dir, "the run folder", "--run_dir")
+        check_exists(config.run_dir, "the run folder", "--run_dir")
         if not (Path(config.run_dir) / RUN_CONFIG).is_file():
             raise FileNotFoundError(
                 f"--run_dir {config.run_dir} holds no {RUN_CONFIG}: is it an output folder of recipes/merr_finetune.py?"
@@ -117,22 +129,15 @@ def check_config(config: ModelEvalConfig) -> None:
                 f"{' and '.join(projector_options)} go with --model_name_or_path: a run has its own projectors."
             )
     else:
-        _missing(config.model_name_or_path, "the LLM folder", "--model_name_or_path")
+        check_exists(config.model_name_or_path, "the LLM folder", "--model_name_or_path")
         if config.data_root is None:
             raise ValueError(
                 "--model_name_or_path needs --data_root, the MERR folder (features, feature_spec.json, subtitles, "
                 "captions)."
             )
-        if len(projector_options) != 1:
-            raise ValueError(
-                "--model_name_or_path needs the projector weights: --projector_checkpoint (an Emotion-LLaMA or "
-                "MiniGPT-v2 .pth, its LoRA included) or --projectors (a projectors.safetensors)"
-                + (", not both." if projector_options else ".")
-            )
-        _missing(config.projector_checkpoint, "the checkpoint", "--projector_checkpoint")
-        _missing(config.projectors, "the projector weights", "--projectors")
-    _missing(config.data_root, "the data folder", "--data_root")
-    _missing(config.subsets, "the subsets file", "--subsets")
+        check_base_weights(config.projector_checkpoint, config.projectors)
+    check_exists(config.data_root, "the data folder", "--data_root")
+    check_exists(config.subsets, "the subsets file", "--subsets")
     unknown = [s for s in config.strategies if s not in STRATEGIES]
     if unknown or not config.strategies:
         raise ValueError(f"Unknown strategies {unknown or list(config.strategies)!r}; choose from {list(STRATEGIES)}.")
@@ -168,14 +173,14 @@ def evaluation_data(config: ModelEvalConfig) -> tuple[MERRDataset, list[Referenc
     """The dataset of the prompt task (validated, features under the data root), its references and feature spec."""
     run_config = RunConfig.read(config.run_dir) if config.kind == "run" else None
     data_root = Path(config.data_root or run_config.data_root)
-    _missing(data_root, "the data folder (recorded by the run unless given)", "--data_root")
+    check_exists(data_root, "the data folder (recorded by the run unless given)", "--data_root")
     spec = run_config.feature_spec if run_config is not None else FeatureSpec.from_dir(data_root)
     task = config.prompt_task
     captions = {}
     if TASKS[task].answer_source != "label":
         key = f"{TASKS[task].answer_source}_json"
         captions[key] = data_root / CAPTION_FILES[key]
-        _missing(captions[key], f"the caption file of task {task!r}", "--data_root")
+        check_exists(captions[key], f"the caption file of task {task!r}", "--data_root")
     annotation = resolve_annotation(config.annotation, data_root)
     subtitles = data_root / SUBTITLE_FILE
     dataset = MERRDataset(annotation, subtitles, tasks=(task,), feature_root=data_root, spec=spec, **captions)
