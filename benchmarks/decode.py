@@ -3,9 +3,10 @@
     python benchmarks/decode.py [--quick] [--threads 1 2] [--compile] [--json PATH]
 
 A tiny-vocabulary Llama (hidden 1024, 4 layers) with the Emotion-LLaMA prompt layout (300 tokens: 259 visual, 1
-audio), batch 1, greedy ``generate``. The per-token decode time of a model is (time of ``generate`` with
-``1 + new_tokens`` tokens - time with 1 token) / ``new_tokens``, so prefill and ``generate``'s set-up cancel out;
-the models run in turn (A B C A B C ...), medians over rounds, once per thread count. Op counts are top-level torch
+audio), batch 1, greedy ``generate`` of ``1 + new_tokens`` tokens. Each decode step is timed alone, from one
+generated token to the next (:class:`StepClock`, a logits processor), so prefill and ``generate``'s set-up stay out;
+the models run in turn, each first in turn (A B C, B C A, ...), all sharing the base weights, and a model's figure is the median over steps of each step's fastest round
+(``quiet``; the plain median of all steps is reported too), once per thread count. Op counts are top-level torch
 calls (``TorchFunctionMode``) of one decode step (``generate`` of 3 tokens minus 2) and of one train step's forward.
 ``--compile`` also times both adapters under ``torch.compile`` (inductor; compile time excluded).
 """
@@ -18,19 +19,19 @@ import json
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from peft import LoraConfig, get_peft_model
 from torch.overrides import TorchFunctionMode
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessorList
 
 from peft_mose import MoSEConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ar_decode import emotion_llama_layout  # noqa: E402  (the same 300-token prompt layout)
+from timing import StepClock  # noqa: E402
 
 SHAPES = {
     "full": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16,
@@ -53,37 +54,47 @@ class OpCounter(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+def shared_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model`` whose modules are its own and whose parameters are ``model``'s."""
+    return copy.deepcopy(model, memo={id(p): p for p in model.parameters()})
+
+
 def build(shape: dict[str, int]) -> dict[str, torch.nn.Module]:
-    """The base model, LoRA and MoSE on copies of it, random adapter weights (B != 0)."""
+    """The base model, LoRA and MoSE on copies of it that share its frozen weights (one copy in memory, so that no
+    model is faster for where its weights happen to lie), random adapter weights (B != 0)."""
     torch.manual_seed(0)
     base = LlamaForCausalLM(LlamaConfig(**shape, attn_implementation="sdpa")).eval()
-    lora = get_peft_model(copy.deepcopy(base), LoraConfig(r=RANK, lora_alpha=16, lora_dropout=0.0,
+    lora = get_peft_model(shared_copy(base), LoraConfig(r=RANK, lora_alpha=16, lora_dropout=0.0,
                                                           target_modules=TARGETS, init_lora_weights=False))
-    mose = get_peft_model(copy.deepcopy(base), MoSEConfig(r=RANK, n_experts=N_EXPERTS, lora_dropout=0.0,
+    mose = get_peft_model(shared_copy(base), MoSEConfig(r=RANK, n_experts=N_EXPERTS, lora_dropout=0.0,
                                                           target_modules=TARGETS, init_weights=False))
     return {"base": base, "lora": lora.eval(), "mose": mose.eval()}
 
 
-def _generate(model: torch.nn.Module, name: str, inputs: dict, tokens: int) -> torch.Tensor:
+def _generate(model: torch.nn.Module, name: str, inputs: dict, tokens: int, **options: Any) -> torch.Tensor:
     extra = {"modality_ids": inputs["modality_ids"]} if name.startswith("mose") else {}
     return model.generate(input_ids=inputs["input_ids"], max_new_tokens=tokens, min_new_tokens=tokens,
-                          do_sample=False, pad_token_id=0, **extra)
+                          do_sample=False, pad_token_id=0, **extra, **options)
 
 
 @torch.no_grad()
-def decode_latency(models: dict[str, torch.nn.Module], inputs: dict, new_tokens: int, rounds: int) -> dict[str, float]:
-    """Median per-token decode seconds of each model, interleaved over ``rounds`` (one warm-up round first)."""
-    times: dict[str, list[float]] = {name: [] for name in models}
+def decode_latency(models: dict[str, torch.nn.Module], inputs: dict, new_tokens: int, rounds: int) -> dict[str, Any]:
+    """Per-token decode seconds of each model from ``rounds`` interleaved ``generate`` calls (one warm-up round
+    first), every step timed alone (:class:`StepClock`): ``quiet``, the median over steps of each step's minimum
+    over rounds (other load only adds time, so this estimates a quiet machine), and ``median``, of all steps."""
+    steps: dict[str, list[list[float]]] = {name: [] for name in models}
+    names = list(models)
     for round_ in range(rounds + 1):
-        for name, model in models.items():
-            spans = []
-            for tokens in (1, 1 + new_tokens):
-                start = time.perf_counter()
-                _generate(model, name, inputs, tokens)
-                spans.append(time.perf_counter() - start)
+        for name in names[round_ % len(names):] + names[: round_ % len(names)]:  # each model first in turn
+            clock = StepClock()
+            _generate(models[name], name, inputs, 1 + new_tokens, logits_processor=LogitsProcessorList([clock]))
             if round_:
-                times[name].append((spans[1] - spans[0]) / new_tokens)
-    return {name: statistics.median(values) for name, values in times.items()}
+                steps[name].append(clock.steps())
+    return {
+        name: {"quiet": statistics.median(min(step) for step in zip(*runs)),
+               "median": statistics.median(t for run in runs for t in run)}
+        for name, runs in steps.items()
+    }
 
 
 def op_counts(models: dict[str, torch.nn.Module], inputs: dict) -> dict[str, dict[str, int]]:
@@ -115,8 +126,12 @@ def run(shape_name: str, threads: list[int], new_tokens: int, rounds: int, compi
               "input_ids": torch.randint(3, SHAPES[shape_name]["vocab_size"], modality_ids.shape,
                                          generator=torch.Generator().manual_seed(0))}
     if compile_:
+        # transformers wraps the forwards of the model, its decoder and its attention layers in one decorator, so
+        # both compiled models' prefill and decode graphs are entries of one code object: past the default limit
+        # (8) Dynamo would quietly run the rest eagerly
+        torch._dynamo.config.recompile_limit = 64
         for name in ("lora", "mose"):
-            compiled = models[f"{name}_compiled"] = copy.deepcopy(models[name])
+            compiled = models[f"{name}_compiled"] = shared_copy(models[name])
             inner = compiled.get_base_model()  # what generate calls, step by step
             inner.forward = torch.compile(inner.forward)
     report: dict[str, Any] = {"ops": op_counts(models, inputs), "decode_seconds_per_token": {}, "ratios": {}}
@@ -129,9 +144,11 @@ def run(shape_name: str, threads: list[int], new_tokens: int, rounds: int, compi
         latency = decode_latency(models, inputs, new_tokens, rounds)
         report["decode_seconds_per_token"][f"{count}_threads"] = latency
         for suffix in ("", "_compiled") if compile_ else ("",):
-            ratio = latency[f"mose{suffix}"] / latency[f"lora{suffix}"]
+            ratio = latency[f"mose{suffix}"]["quiet"] / latency[f"lora{suffix}"]["quiet"]
             report["ratios"][f"mose_vs_lora_decode{suffix}_{count}_threads"] = ratio
-        report["ratios"][f"lora_vs_base_decode_{count}_threads"] = latency["lora"] / latency["base"]
+            ratio = latency[f"mose{suffix}"]["median"] / latency[f"lora{suffix}"]["median"]
+            report["ratios"][f"mose_vs_lora_decode{suffix}_{count}_threads_median"] = ratio
+        report["ratios"][f"lora_vs_base_decode_{count}_threads"] = latency["lora"]["quiet"] / latency["base"]["quiet"]
     torch.set_num_threads(previous)
     report.update(shape=shape_name, prompt_tokens=int(modality_ids.shape[1]), new_tokens=new_tokens, rounds=rounds,
                   rank=RANK, n_experts=N_EXPERTS, targets=TARGETS,

@@ -15,9 +15,10 @@ that passes the cache back continues the prompt that filled it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import weakref
 from collections.abc import Callable, Iterator
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -50,14 +51,13 @@ class PromptRecord:
 class StepLayout:
     """Modality layout of one forward of the transformers model inside a call.
 
-    ``modality_ids``, ``valid`` and ``response_rows`` cover every position the forward attends to (cached ones
+    ``modality_ids``, ``valid`` and :attr:`response_rows` cover every position the forward attends to (cached ones
     included): ``[batch, past_length + new_length]``. :meth:`new` slices out the positions it computes. The memos are
     filled by their readers, once per forward: MoSE's expert masks (by expert modality sets) and AR's key layouts.
     """
 
     modality_ids: Tensor
     valid: Tensor
-    response_rows: Tensor
     past_length: int
     new_length: int
     prefill: bool
@@ -70,6 +70,16 @@ class StepLayout:
     @property
     def batch_size(self) -> int:
         return self.modality_ids.shape[0]
+
+    @functools.cached_property
+    def response_rows(self) -> Tensor:
+        """Rows whose next token is part of the response: each sample's last real prompt position and every answer
+        one (read by attention reallocation only, so made on its first read)."""
+        answer = self.modality_ids == int(Modality.ANSWER)
+        prompt = self.valid & ~answer
+        positions = torch.arange(self.modality_ids.shape[1], device=self.modality_ids.device).expand_as(answer)
+        last_prompt = torch.where(prompt, positions, -1).amax(dim=1, keepdim=True)
+        return (positions == last_prompt) | (answer & self.valid)
 
     def new(self, tensor: Tensor) -> Tensor:
         """The positions computed by this forward (``[:, past_length:]``) of a ``[batch, total]`` tensor."""
@@ -122,6 +132,8 @@ class ContextScope:
     Holds no per-call state between calls except: the weak cache records (:class:`PromptRecord`), the routing
     statistics of the last call (read by :meth:`~peft_mose.MoSEModel.routing_stats`, never by computation), and,
     for activation checkpointing, the last call that built an autograd graph, read only while autograd runs backward.
+    While a call is open the scope also mirrors its context in a plain attribute, which compiled code reads instead of
+    the ``ContextVar`` (Dynamo cannot trace ``ContextVar.get``); so a compiled model runs one call at a time.
     The callbacks of :meth:`on_call_start` are installed by a block (attention reallocation's gate) for its duration.
     """
 
@@ -129,6 +141,7 @@ class ContextScope:
         self._records: weakref.WeakKeyDictionary[Cache, PromptRecord] = weakref.WeakKeyDictionary()
         self._backward: ModalityContext | None = None
         self._call_starts: list[CallStart] = []
+        self._compiled_view: ModalityContext | None = None
         self.last_routing: dict[AdapterKey, dict[str, Tensor]] = {}
 
     def __getstate__(self) -> dict[str, Any]:
@@ -140,6 +153,10 @@ class ContextScope:
 
     def current(self) -> ModalityContext | None:
         """The open context of this scope; during backward, the one of the call whose graph is being recomputed."""
+        if torch.compiler.is_compiling():
+            # Dynamo cannot trace ContextVar.get (a graph break per layer): compiled code reads the scope's mirror
+            # of its open context, kept by _set_open (torch.compile runs one call at a time on a module)
+            return self._compiled_view
         context = self.open_context()
         if context is not None:
             return context
@@ -186,14 +203,14 @@ class ContextScope:
                 return
             context = _new_context(modality_ids, prompt=True, generate=False)
             self._enter_forward(context, args, kwargs)
-            _OPEN.set(_OPEN.get() + ((self, context),))
+            self._set_open(_OPEN.get() + ((self, context),))
             opened.append(context)
 
         def post_forward(module: nn.Module, args: tuple, output: Any) -> None:
             self._post_forward(module, args, output)
             context = self.open_context()
             if opened and opened[-1] is context:
-                _remove(opened.pop())
+                self._remove(opened.pop())
                 self._close(context)
 
         generate = model.generate
@@ -217,7 +234,7 @@ class ContextScope:
             else:
                 del model.generate
             while opened:
-                _remove(opened.pop())
+                self._remove(opened.pop())
 
     @contextlib.contextmanager
     def on_call_start(self, callback: CallStart) -> Iterator[None]:
@@ -236,11 +253,11 @@ class ContextScope:
         covering exactly ``modality_ids`` ``[batch, seq]``: the call's hooks route them here, so the call's own context
         (layout, router weights, cache records) and the routing statistics stay as they were."""
         context = _new_context(modality_ids, prompt=False, generate=False)
-        token = _OPEN.set(_OPEN.get() + ((self, context),))
+        token = self._set_open(_OPEN.get() + ((self, context),))
         try:
             yield context
         finally:
-            _OPEN.reset(token)
+            self._reset_open(token)
 
     @contextlib.contextmanager
     def layer_call(self, modality_ids: Tensor) -> Iterator[ModalityContext]:
@@ -249,18 +266,31 @@ class ContextScope:
         context = _new_context(modality_ids, prompt=False, generate=False)
         ids = modality_ids.long()
         valid = torch.ones_like(ids, dtype=torch.bool)
-        context.step = StepLayout(ids, valid, _response_rows(ids, valid), 0, ids.shape[1], prefill=True)
+        context.step = StepLayout(ids, valid, 0, ids.shape[1], prefill=True)
         with self._opened(context):
             yield context
 
     @contextlib.contextmanager
     def _opened(self, context: ModalityContext) -> Iterator[None]:
-        token = _OPEN.set(_OPEN.get() + ((self, context),))
+        token = self._set_open(_OPEN.get() + ((self, context),))
         try:
             yield
         finally:
-            _OPEN.reset(token)
+            self._reset_open(token)
             self._close(context)
+
+    def _set_open(self, entries: tuple[tuple[ContextScope, ModalityContext], ...]) -> Token:
+        token = _OPEN.set(entries)
+        self._compiled_view = self.open_context()
+        return token
+
+    def _reset_open(self, token: Token) -> None:
+        _OPEN.reset(token)
+        self._compiled_view = self.open_context()
+
+    def _remove(self, context: ModalityContext) -> None:
+        """Take ``context`` off the open ones (by identity: hooks of nested blocks close in any order)."""
+        self._set_open(tuple(entry for entry in _OPEN.get() if entry[1] is not context))
 
     def _close(self, context: ModalityContext) -> None:
         self.last_routing = {
@@ -324,17 +354,11 @@ class ContextScope:
         return StepLayout(
             modality_ids=ids,
             valid=valid,
-            response_rows=_response_rows(ids, valid),
             past_length=past,
             new_length=new,
             prefill=past == 0,
             uniform=uniform,
         )
-
-
-def _remove(context: ModalityContext) -> None:
-    """Take ``context`` off the open ones (by identity: hooks of nested blocks close in any order)."""
-    _OPEN.set(tuple(entry for entry in _OPEN.get() if entry[1] is not context))
 
 
 def check_prompt(modality_ids: Tensor, args: tuple, kwargs: dict) -> None:
@@ -391,12 +415,3 @@ def _valid_positions(mask: Any, batch: int, total: int, device: torch.device) ->
     if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape == (batch, total):
         return mask.to(device=device) != 0
     return torch.ones(batch, total, dtype=torch.bool, device=device)
-
-
-def _response_rows(modality_ids: Tensor, valid: Tensor) -> Tensor:
-    """Rows whose next token is part of the response: each sample's last real prompt position and every answer one."""
-    answer = modality_ids == int(Modality.ANSWER)
-    prompt = valid & ~answer
-    positions = torch.arange(modality_ids.shape[1], device=modality_ids.device).expand_as(modality_ids)
-    last_prompt = torch.where(prompt, positions, -1).amax(dim=1, keepdim=True)
-    return (positions == last_prompt) | (answer & valid)

@@ -62,3 +62,32 @@ def test_parameter_count_of_the_table_6_designs():
     assert no_router["router"] == 0 and mose["mose"] - no_router["mose"] == mose["router"]
     moae = bench["count"](expert_kind="moae", n_experts=4)
     assert moae["mose"] == targets * 4 * (2 * r * d + d) and moae["router"] == 0
+
+
+def test_decode_benchmark_times_every_step_of_every_model(tmp_path, monkeypatch):
+    out = tmp_path / "decode.json"
+    run_script("decode.py", ["--quick", "--threads", "1", "--json", str(out)], monkeypatch)
+    report = json.loads(out.read_text())
+    assert set(report["ratios"]) == {"mose_vs_lora_decode_ops", "mose_vs_lora_train_forward_ops",
+                                     "mose_vs_lora_decode_1_threads", "mose_vs_lora_decode_1_threads_median",
+                                     "lora_vs_base_decode_1_threads"}
+    latency = report["decode_seconds_per_token"]["1_threads"]
+    assert set(latency) == {"base", "lora", "mose"}
+    assert all(0 < v["quiet"] <= v["median"] for v in latency.values())  # the fastest rounds' steps, then all
+    assert report["ops"]["mose"]["decode_step"] > 0 and report["ops"]["lora"]["decode_step"] > 0
+
+
+def test_step_clock_stamps_each_generated_token():
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessorList
+
+    sys.path.insert(0, str(BENCHMARKS))
+    from timing import StepClock
+
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, vocab_size=50)).eval()
+    clock = StepClock()
+    model.generate(torch.ones(1, 4, dtype=torch.long), max_new_tokens=5, min_new_tokens=5, do_sample=False,
+                   pad_token_id=0, logits_processor=LogitsProcessorList([clock]))
+    assert len(clock.stamps) == 5 and len(clock.steps()) == 4 and clock.prefill() > 0
+    assert all(step > 0 for step in clock.steps())

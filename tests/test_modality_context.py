@@ -51,6 +51,32 @@ def test_no_context_stays_open_after_a_call_even_when_it_fails(mose):
     assert not base._forward_pre_hooks and not base._forward_hooks
 
 
+def test_compiled_code_reads_the_same_context_from_the_scopes_mirror(mose, monkeypatch):
+    """Under torch.compile the layers read the scope's mirror of its open context (Dynamo cannot trace
+    ContextVar.get): with every lookup forced onto the mirror, a forward, a generate (prefill and decode steps) and
+    a gated AR call give what the ContextVar path gives, and no mirror outlives its call, even a failed one."""
+    ids, mods, scope = random_tokens(), layout(), mose.base_model.scope
+    labels = dict(gate="conflict", gate_labels=(10, 20, 30))
+
+    def run():
+        with torch.no_grad():
+            logits = mose(input_ids=ids, modality_ids=mods).logits
+            tokens = mose.generate(input_ids=ids, modality_ids=mods, **GEN)
+            with attention_reallocation(mose, tau=0.0, **labels):
+                gated = mose.generate(input_ids=ids, modality_ids=mods, **GEN)
+        return logits, tokens, gated
+
+    expected = run()
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    got = run()
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
+    assert scope._compiled_view is None
+    with pytest.raises(ValueError, match="call covers 16 positions"):
+        mose(input_ids=ids, modality_ids=mods[:, :10])
+    assert scope._compiled_view is None
+
+
 class _Boom:
     def __call__(self, input_ids, scores):
         raise RuntimeError("boom")
@@ -174,7 +200,7 @@ def test_the_decode_path_equals_the_general_path_for_outputs_and_gradients(llama
 
     def run(uniform):
         valid = torch.ones_like(ids, dtype=torch.bool)
-        step = StepLayout(ids, valid, valid, past_length=6, new_length=1, prefill=False,
+        step = StepLayout(ids, valid, past_length=6, new_length=1, prefill=False,
                           uniform=Modality.ANSWER if uniform else None)
         context = ModalityContext(prompt, prompt=True, router_weights={key: lam}, step=step)
         with scope._opened(context):
