@@ -6,6 +6,8 @@ decoder with the Emotion-LLaMA prompt layout (259 visual tokens, 1 audio token, 
 
     python benchmarks/ar_decode.py [--quick] [--json PATH]
 
+It also measures what the conflict gate (``gate="conflict"``) adds to AR (:func:`measure_gate_cost`: its two probe
+forwards at the prefill, nothing per decode step by design), with greedy ``generate`` as users call it.
 ``measure_ar_decode`` is importable (e.g. by ``benchmarks/run.py``).
 """
 
@@ -18,17 +20,21 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, LogitsProcessorList
 
 from peft_mose import Modality, modality_ids_from_segments
 from peft_mose._compat.transformers import cache_keyword
 from peft_mose.attention import attention_reallocation
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import StepClock  # noqa: E402
 
 FULL = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16,
             num_key_value_heads=16, vocab_size=32000)
@@ -129,6 +135,48 @@ def measure_ar_decode(
     }
 
 
+@torch.no_grad()
+def measure_gate_cost(
+    quick: bool = False, batch: int = 2, new_tokens: int = 16, repeats: int = 5, seed: int = 0
+) -> dict[str, Any]:
+    """AR with and without the conflict gate (six label tokens, the default threshold) on one model, ``generate``
+    calls interleaved after a warm-up round: prefill (``generate`` up to its first token: set-up, the gate's probes
+    and the prompt's forward; fastest round) and per-token decode (median over steps of each step's fastest round)."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(**(QUICK if quick else FULL), attn_implementation="sdpa")
+    model = LlamaForCausalLM(config).eval()
+    modality_ids = emotion_llama_layout(8 if quick else 48).repeat(batch, 1)
+    input_ids = torch.randint(3, config.vocab_size, modality_ids.shape)
+    labels = tuple(range(10, 16))
+    variants = {
+        "ar": dict(tau=1.0),
+        "ar_gate": dict(tau=1.0, gate="conflict", gate_labels=labels),
+    }
+    prefill: dict[str, list[float]] = {name: [] for name in variants}
+    decode: dict[str, list[list[float]]] = {name: [] for name in variants}
+    for rep in range(1 + repeats):
+        for name in _rotated(list(variants), rep):
+            with attention_reallocation(model, modality_ids, **variants[name]):
+                clock = StepClock()
+                model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=1 + new_tokens,
+                               min_new_tokens=1 + new_tokens, do_sample=False, pad_token_id=0,
+                               logits_processor=LogitsProcessorList([clock]))
+            if rep:
+                prefill[name].append(clock.prefill())
+                decode[name].append(clock.steps())
+    results = {
+        name: {"prefill_ms": 1e3 * min(prefill[name]),
+               "decode_ms_per_token": 1e3 * statistics.median(min(step) for step in zip(*decode[name]))}
+        for name in variants
+    }
+    return {
+        "results": results,
+        "gate_vs_ar_prefill": results["ar_gate"]["prefill_ms"] / results["ar"]["prefill_ms"],
+        "gate_vs_ar_decode": results["ar_gate"]["decode_ms_per_token"] / results["ar"]["decode_ms_per_token"],
+        "batch": batch, "prompt_tokens": modality_ids.shape[1], "new_tokens": new_tokens, "labels": len(labels),
+    }
+
+
 def _rotated(names: list[str], shift: int) -> list[str]:
     shift %= len(names)
     return names[shift:] + names[:shift]
@@ -147,6 +195,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.new_tokens is not None:
         options["new_tokens"] = args.new_tokens
     report = measure_ar_decode(**options)
+    report["gate"] = measure_gate_cost(quick=args.quick, **{k: v for k, v in options.items() if k != "quick"})
     text = json.dumps(report, indent=1)
     print(text)
     if args.json:

@@ -137,3 +137,5 @@ def test_decode_benchmark_smoke_run():
     for result in report["results"].values():
         assert result["prefill_ms"] > 0 and result["decode_ms_per_token"] > 0
     assert report["prompt_tokens"] == 6 + 256 + 6 + 2 + 1 + 1 + 8
+    gate = bench.measure_gate_cost(quick=True, new_tokens=2, repeats=1)
+    assert set(gate["results"]) == {"ar", "ar_gate"} and gate["gate_vs_ar_prefill"] > 0 and gate["gate_vs_ar_decode"] > 0

@@ -21,6 +21,7 @@ from peft_mose.attention import (
     label_token_ids,
     plot_gate_decisions,
 )
+from peft_mose.attention.plot import main as plot_main
 from test_ar_backend import make_batch
 from test_ar_diagnostics import PNG
 from test_ar_steps import word_tokenizer
@@ -325,3 +326,32 @@ def test_decisions_are_json_friendly_and_plotted(tmp_path):
         plot_gate_decisions(decisions, tmp_path / "x.png", label_names=["a", "b", "c"])
     with pytest.raises(ValueError, match="no label distributions"):
         plot_gate_decisions(GateDecisions(conflict=decisions.conflict), tmp_path / "y.png")
+
+
+@pytest.mark.parametrize("labels", ["10,20,30,40", "happy,sad,angry,neutral"])
+def test_plot_command_runs_the_gate_and_draws_its_decisions(tmp_path, labels):
+    model_dir, batch_file = tmp_path / "model", tmp_path / "batch.pt"
+    model = make_tiny_llama()
+    model.save_pretrained(model_dir)
+    word_tokenizer({10: "happy", 20: "sad", 30: "angry", 40: "neutral"}).save_pretrained(model_dir)
+    embeds, mods = conflict_batch(model)
+    torch.save({"inputs_embeds": embeds, "modality_ids": mods}, batch_file)
+    out = tmp_path / "plots"
+    paths = plot_main([str(model_dir), str(batch_file), "--out", str(out), "--tau", "0", "--gate", "conflict",
+                       "--gate-labels", labels, "--gate-threshold", "0.05"])  # fmt: skip
+    assert (out / "gate.png") in paths and (out / "gate.png").read_bytes()[:8] == PNG
+    data = json.loads((out / "diagnostics.json").read_text())
+    (decisions,) = data["gate_decisions"]
+    assert decisions["conflict"] == [True, False, True, False] and decisions["labels"] == list(LABELS)
+    assert data["settings"]["gate"] == {"detector": "conflict", "labels": list(LABELS), "threshold": 0.05}
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--gate", "conflict"], "--gate conflict needs --gate-labels"),
+    (["--gate-threshold", "0.1"], "--gate conflict needs --gate-labels"),
+    (["--gate", "conflict", "--gate-labels", "10,20", "--strategy", "pai"], "--strategy ar only"),
+])  # fmt: skip
+def test_plot_command_rejects_incomplete_gate_options(tmp_path, capsys, options, message):
+    with pytest.raises(SystemExit):
+        plot_main([str(tmp_path), str(tmp_path / "batch.pt"), "--out", str(tmp_path), *options])
+    assert message in capsys.readouterr().err

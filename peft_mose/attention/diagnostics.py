@@ -15,13 +15,16 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from ..modality import Modality
 from .functional import compute_dtype, layer_ratio, modality_mass, unimodal_attention_proportion
+
+if TYPE_CHECKING:
+    from .gate import GateDecisions
 
 
 @dataclass
@@ -89,6 +92,8 @@ class ReallocationDiagnostics:
     steps: dict[int, StepDiagnostics] = field(default_factory=dict)
     generated: Tensor | None = None
     """The tokens generated while recording, ``[batch, new]`` (set by :func:`~.plot.collect_diagnostics`)."""
+    gate_decisions: list[GateDecisions] = field(default_factory=list)
+    """The conflict gate's decisions of each call recorded (set by :func:`~.plot.collect_diagnostics`)."""
 
     @property
     def layers(self) -> dict[int, LayerDiagnostics]:
@@ -174,6 +179,7 @@ class ReallocationDiagnostics:
             "settings": _plain(self.settings),
             **first,
             "generated": _plain(self.generated),
+            "gate_decisions": [decisions.to_dict() for decisions in self.gate_decisions],
             "steps": [{"step": s, **self.steps[s].to_dict()} for s in sorted(self.steps)],
         }
 

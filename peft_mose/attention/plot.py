@@ -7,10 +7,13 @@ sample)::
     python -m peft_mose.attention.plot MODEL_DIR BATCH_FILE --out plots/ [--adapter ADAPTER_DIR]
         [--strategy ar|pai] [--tau 1.0] [--alpha 0.5] [--pai-mode logits|weights] [--layers 8:24]
         [--step N|emotion] [--max-new-tokens 64] [--tokenizer DIR]
+        [--gate conflict --gate-labels mer2023|dfew|merr|WORD,WORD,...|ID,ID,... [--gate-threshold 0.05]]
 
 ``--step 0`` (default) plots the row producing the first response token from one forward of the prompt; ``--step
 N`` or ``--step emotion`` generate greedily first and plot step N, or for each sample the step of the token that
-completes its first emotion word (Eq. 1's y_k).
+completes its first emotion word (Eq. 1's y_k). ``--gate conflict`` runs AR behind the conflict gate (labels: a
+preset of :data:`~peft_mose.metrics.LABEL_SETS` or words, encoded with the tokenizer, or token ids) and also writes
+``gate.png`` (:func:`plot_gate_decisions`); the decisions go into ``diagnostics.json``.
 
 ``BATCH_FILE`` is a ``torch.save``-d dict (``.pt``) or a JSON object with ``modality_ids`` and ``input_ids`` or
 ``inputs_embeds`` (and optionally ``attention_mask``), all ``[batch, seq]`` (embeddings ``[batch, seq, hidden]``).
@@ -21,7 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -35,7 +38,7 @@ from ..modality import Modality
 from ..model import is_mose_model
 from .backend import attention_reallocation
 from .diagnostics import ReallocationDiagnostics, StepDiagnostics
-from .gate import GateDecisions
+from .gate import GateDecisions, label_token_ids
 
 DEFAULT_NEW_TOKENS = 64
 """Tokens the command generates for a step other than 0 when ``--max-new-tokens`` is not given."""
@@ -80,6 +83,7 @@ def collect_diagnostics(
             run.diagnostics.generated = out[:, input_ids.shape[1] :] if input_ids is not None else out
         else:
             model(**inputs)
+    run.diagnostics.gate_decisions = list(run.gate_decisions)
     return run.diagnostics
 
 
@@ -289,6 +293,19 @@ def _parse_layers(text: str | None) -> list[int] | None:
     return [int(part) for part in text.split(",")]
 
 
+def _gate_labels(spec: str, tokenizer: Callable[[], Any]) -> tuple[tuple[int, ...], list[str]]:
+    """``--gate-labels``: token ids (``"12,40,7"``) as given, else a label set or words, each label's first token
+    (:func:`~.gate.label_token_ids`); with the names the plot shows."""
+    parts = [part.strip() for part in spec.split(",")]
+    if all(part.lstrip("-").isdigit() for part in parts):
+        ids = tuple(int(part) for part in parts)
+        return ids, [str(i) for i in ids]
+    from ..metrics import resolve_labels
+
+    labels = resolve_labels(spec)
+    return label_token_ids(tokenizer(), labels), list(labels)
+
+
 def _parse_step(text: str) -> int | str:
     if text == "emotion":
         return text
@@ -325,7 +342,16 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
         help=f"tokens generated greedily while recording (default: none, one forward, for --step 0; else "
         f"{DEFAULT_NEW_TOKENS})",
     )  # fmt: skip
-    parser.add_argument("--tokenizer", help="tokenizer folder decoding the answer for --step emotion (default: MODEL)")
+    parser.add_argument(
+        "--tokenizer", help="tokenizer folder decoding the answer for --step emotion and encoding --gate-labels "
+        "(default: MODEL)",
+    )  # fmt: skip
+    parser.add_argument("--gate", choices=["conflict"], help="apply AR only to the samples the conflict gate flags")
+    parser.add_argument(
+        "--gate-labels", help="the gate's labels: a label set (mer2023, dfew, merr), comma-separated words (their "
+        "first tokens) or comma-separated token ids",
+    )  # fmt: skip
+    parser.add_argument("--gate-threshold", type=float, help="JS divergence above which the gate flags a conflict")
     args = parser.parse_args(argv)
     new_tokens = args.max_new_tokens
     if new_tokens is None:
@@ -334,6 +360,15 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
         parser.error(f"--step {args.step} needs --max-new-tokens above it (steps 0 to {max(new_tokens, 1) - 1} exist)")
     if args.step == "emotion" and new_tokens < 1:
         parser.error("--step emotion needs generated tokens: --max-new-tokens >= 1")
+    if (args.gate is None) != (args.gate_labels is None) or (args.gate is None and args.gate_threshold is not None):
+        parser.error("--gate conflict needs --gate-labels (and --gate-threshold goes with them)")
+    if args.gate is not None and args.strategy != "ar":
+        parser.error("--gate applies to --strategy ar only")
+
+    def tokenizer() -> Any:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(args.tokenizer or args.model)
 
     batch = load_batch(args.batch)
     from transformers import AutoModelForCausalLM
@@ -345,15 +380,17 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
         model = PeftModel.from_pretrained(model, args.adapter).eval()
     if "inputs_embeds" in batch:
         batch["inputs_embeds"] = batch["inputs_embeds"].to(getattr(torch, args.dtype))
+    gate: dict[str, Any] = {}
+    if args.gate is not None:
+        gate_labels, label_names = _gate_labels(args.gate_labels, tokenizer)
+        gate = dict(gate=args.gate, gate_labels=gate_labels, gate_threshold=args.gate_threshold)
     diagnostics = collect_diagnostics(
         model, batch.pop("modality_ids"), **batch, max_new_tokens=new_tokens, strategy=args.strategy, tau=args.tau,
-        alpha=args.alpha, pai_mode=args.pai_mode, layers=_parse_layers(args.layers),
+        alpha=args.alpha, pai_mode=args.pai_mode, layers=_parse_layers(args.layers), **gate,
     )
     step, chosen = args.step, {}
     if step == "emotion":
-        from transformers import AutoTokenizer
-
-        found = emotion_word_steps(AutoTokenizer.from_pretrained(args.tokenizer or args.model), diagnostics.generated)
+        found = emotion_word_steps(tokenizer(), diagnostics.generated)
         if all(f is None for f in found):
             raise ValueError(f"No sample's {new_tokens} generated tokens hold an emotion word; give --step N instead.")
         step = [None if f is None else f.step for f in found]
@@ -362,6 +399,8 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = [diagnostics.save_json(out / "diagnostics.json", **chosen)]
     paths += plot_diagnostics(diagnostics, out, token_layers=_parse_layers(args.token_layers), step=step)
+    if gate:
+        paths.append(plot_gate_decisions(diagnostics.gate_decisions[0], out / "gate.png", label_names=label_names))
     for path in paths:
         print(path)
     return paths
