@@ -4,14 +4,16 @@ launcher tests: ``<output_dir>/batches_rank<R>.json`` holds ``[[run folder name,
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))  # where the script finds its library
 
 from mosear_recipes import finetune  # noqa: E402
 from mosear_recipes.arguments import parse_finetune_args  # noqa: E402
-from mosear_recipes.distributed import process_rank  # noqa: E402
 from mosear_recipes.trainer import MoSETrainer  # noqa: E402
 
 seen: list[list[object]] = []
@@ -24,7 +26,7 @@ def recording_step(self, model, inputs, *args, **kwargs):
 
 
 MoSETrainer.training_step = recording_step
-config = parse_finetune_args()
-finetune.finetune(config)
-rank = process_rank()[0]
-(Path(config.training.output_dir) / f"batches_rank{rank}.json").write_text(json.dumps(seen))
+config = parse_finetune_args()  # (parsing has no side effects) for the output folder
+finetune.main()  # the script's entry point, which ends the run's process group
+assert not torch.distributed.is_initialized(), "the script left its process group to interpreter shutdown"
+(Path(config.training.output_dir) / f"batches_rank{os.environ.get('RANK', '0')}.json").write_text(json.dumps(seen))

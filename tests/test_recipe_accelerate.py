@@ -30,10 +30,10 @@ SHORT = ["--iters_per_epoch", str(STEPS), "--num_train_epochs", "1", "--warmup_s
          "--disable_tqdm", "true"]  # fmt: skip
 
 # Runs recipes/merr_finetune.py itself (runpy) and records, for every training step of this process, what the process
-# believes about itself and which samples it trained on: <output_dir>/accelerate_rank<R>.json, R the process group's
-# rank (the real one, which torch.distributed knows even when accelerate miscounts).
+# believes about itself and which samples it trained on: <output_dir>/accelerate_rank<R>.json, R the rank the launcher
+# gave the process (the real one, even when accelerate miscounts). The script must have ended its process group.
 RECORDER = """
-import json, runpy, sys
+import json, os, runpy, sys
 from pathlib import Path
 
 sys.path.insert(0, {recipes!r})
@@ -60,9 +60,9 @@ def recording_step(self, model, inputs, *args, **kwargs):
 MoSETrainer.training_step = recording_step
 sys.argv = [{script!r}, *sys.argv[1:]]
 runpy.run_path({script!r}, run_name="__main__")
+assert not torch.distributed.is_initialized(), "the script left its process group to interpreter shutdown"
 out = Path(sys.argv[sys.argv.index("--output_dir") + 1])
-rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else -1
-(out / f"accelerate_rank{{rank}}.json").write_text(json.dumps(seen))
+(out / f"accelerate_rank{{os.environ['RANK']}}.json").write_text(json.dumps(seen))
 """
 
 

@@ -62,6 +62,14 @@ def process_rank() -> tuple[int, int]:
     return 0, 1
 
 
+def end_process_group() -> None:
+    """Destroy the ``torch.distributed`` group of a finished run, if there is one, so that its communication threads
+    are joined before the interpreter exits: left to interpreter shutdown, a rank can abort ("terminate called
+    without an active exception") after a run that succeeded, and the launcher then reports it failed."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 @contextlib.contextmanager
 def gathered(params: list[torch.nn.Parameter]) -> Iterator[None]:
     """Under ZeRO-3, gather ``params`` on every process for the duration of the block; otherwise do nothing."""

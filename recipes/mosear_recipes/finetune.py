@@ -22,6 +22,7 @@ from .arguments import (
     parse_finetune_args,
     total_steps,
 )
+from .distributed import end_process_group
 from .emotion_llama.features import FeatureSpec
 from .emotion_llama.model import EmotionLlama, load_tokenizer
 from .emotion_llama.prompt import PromptEncoder
@@ -187,5 +188,8 @@ def finetune(config: FinetuneConfig) -> dict | None:
 
 
 def main(argv: Sequence[str] | None = None) -> dict | None:
-    """Parse ``[config file] [--options]`` and train (the entry point of ``recipes/merr_finetune.py``)."""
-    return finetune(parse_finetune_args(argv))
+    """Parse ``[config file] [--options]`` and train (the entry point of ``recipes/merr_finetune.py``); a
+    distributed run ends its process group when training succeeded."""
+    result = finetune(parse_finetune_args(argv))
+    end_process_group()
+    return result
