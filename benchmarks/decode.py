@@ -5,8 +5,9 @@
 A tiny-vocabulary Llama (hidden 1024, 4 layers) with the Emotion-LLaMA prompt layout (300 tokens: 259 visual, 1
 audio), batch 1, greedy ``generate`` of ``1 + new_tokens`` tokens. Each decode step is timed alone, from one
 generated token to the next (:class:`StepClock`, a logits processor), so prefill and ``generate``'s set-up stay out;
-the models run in turn, each first in turn (A B C, B C A, ...), all sharing the base weights, and a model's figure is the median over steps of each step's fastest round
-(``quiet``; the plain median of all steps is reported too), once per thread count. Op counts are top-level torch
+the models share the base weights and run in turn, each first in turn (A B C, B C A, ...); a model's figure is the
+median over steps of each step's fastest round (``quiet``; the plain median of all steps is reported too), once per
+thread count. Op counts are top-level torch
 calls (``TorchFunctionMode``) of one decode step (``generate`` of 3 tokens minus 2) and of one train step's forward.
 ``--compile`` also times both adapters under ``torch.compile`` (inductor; compile time excluded).
 """
