@@ -22,6 +22,16 @@ def test_reallocation_options_carry_the_pai_mode():
     assert ModelEvalConfig(out_dir=Path("out"), scoring=ScoringConfig()).pai_mode == "logits"
 
 
+def test_reallocation_options_of_the_gated_strategy_need_the_gates_options():
+    config = ModelEvalConfig(out_dir=Path("out"), scoring=ScoringConfig(task="recognition"), tau=0.5)
+    gate = {"gate_labels": (10, 20), "gate_threshold": 0.1}
+    options = reallocation_options("ar+gate", config, gate)
+    assert options["strategy"] == "ar" and options["tau"] == 0.5
+    assert (options["gate"], options["gate_labels"], options["gate_threshold"]) == ("conflict", (10, 20), 0.1)
+    with pytest.raises(ValueError, match="'ar\\+gate' needs the gate's options"):
+        reallocation_options("ar+gate", config)
+
+
 @pytest.mark.parametrize("mode", ["weights", None])
 def test_pai_mode_reaches_the_attention_block_and_the_scores(
     tiny, checkpoint, tmp_path, monkeypatch, mode  # noqa: F811

@@ -28,7 +28,7 @@ from .merr.collator import MERRCollator
 from .merr.dataset import SUBTITLE_FILE, MERRDataset, MERRRecord
 from .merr.readers import read_subtitles
 from .merr.tasks import TASKS
-from .model_eval import MAX_NEW_TOKENS, check_base_weights, check_exists, load_model, reallocation_options
+from .model_eval import MAX_NEW_TOKENS, check_exists, check_model_choice, load_model, reallocation_options
 from .run_config import RunConfig
 
 logger = logging.getLogger(__name__)
@@ -67,9 +67,8 @@ STRATEGIES = ("none", "ar", "pai")
 class InferenceConfig:
     """The model (a trained run, or the base model with its projector weights and feature spec), the sample (an id
     in a MERR data root, or its feature files and subtitle), the prompt task and the strategies to answer with.
-    Problems are reported with the command line's option names. :func:`~mosear_recipes.model_eval.load_model` and
-    :func:`~mosear_recipes.model_eval.reallocation_options` read the model and strategy fields, named as in
-    :class:`~mosear_recipes.model_eval.ModelEvalConfig`."""
+    Problems are reported with the command line's option names. Its model and strategy fields are a
+    :class:`~mosear_recipes.model_eval.ModelChoice`, read by ``load_model`` and ``reallocation_options``."""
 
     run_dir: Path | None = None
     model_name_or_path: Path | None = None
@@ -109,23 +108,7 @@ class SampleDataset(MERRDataset):
 
 def check_config(config: InferenceConfig) -> None:
     """Refuse contradictory, incomplete or out-of-range settings and missing model files before anything is read."""
-    if (config.run_dir is None) == (config.model_name_or_path is None):
-        raise ValueError(
-            "Give --run_dir (a MoSE run) or --model_name_or_path (the base model)"
-            + (", not both." if config.run_dir is not None else " to answer with.")
-        )
-    weights = {"--projector_checkpoint": config.projector_checkpoint, "--projectors": config.projectors}
-    projector_options = [option for option, value in weights.items() if value is not None]
-    if config.kind == "run":
-        check_exists(config.run_dir, "the run folder", "--run_dir")
-        given = projector_options + (["--feature_spec"] if config.feature_spec is not None else [])
-        if given:
-            raise ValueError(
-                f"{' and '.join(given)} go with --model_name_or_path: a run has its own projectors and feature spec."
-            )
-    else:
-        check_exists(config.model_name_or_path, "the LLM folder", "--model_name_or_path")
-        check_base_weights(config.projector_checkpoint, config.projectors)
+    check_model_choice(config, "answer with", run_supplies={"--feature_spec": config.feature_spec})
     _check_sample_options(config)
     if config.task not in TASKS:
         raise ValueError(f"--task must be one of {list(TASKS)}, got {config.task!r}.")

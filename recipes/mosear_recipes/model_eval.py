@@ -9,6 +9,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 from sklearn.metrics import precision_score, recall_score
@@ -93,6 +94,54 @@ class ModelEvalConfig:
         return "emotion" if self.scoring.task == "recognition" else self.reasoning_task
 
 
+class ModelChoice(Protocol):
+    """What :func:`check_model_choice`, :func:`load_model` and :func:`reallocation_options` read: the model (a
+    trained run, or the base model with its projector weights), the device and the reallocation settings. Both
+    :class:`ModelEvalConfig` and :class:`~mosear_recipes.inference.InferenceConfig` have these fields."""
+
+    run_dir: Path | None
+    model_name_or_path: Path | None
+    projector_checkpoint: Path | None
+    projectors: Path | None
+    device: str | None
+    tau: float
+    alpha: float
+    pai_mode: str
+    layers: Sequence[int] | None
+
+    @property
+    def kind(self) -> str: ...
+
+
+def check_model_choice(config: ModelChoice, purpose: str, run_supplies: Mapping[str, Any] | None = None) -> None:
+    """One model, which exists: ``--run_dir`` (a folder of ``recipes/merr_finetune.py``, which brings its own
+    projectors and whatever ``run_supplies`` names, ``{option: value}``) or ``--model_name_or_path`` with the
+    projector weights (:func:`check_base_weights`). ``purpose`` ends the message that asks for one."""
+    if (config.run_dir is None) == (config.model_name_or_path is None):
+        raise ValueError(
+            "Give --run_dir (a MoSE run) or --model_name_or_path (the base model)"
+            + (", not both." if config.run_dir is not None else f" to {purpose}.")
+        )
+    if config.kind == "base":
+        check_exists(config.model_name_or_path, "the LLM folder", "--model_name_or_path")
+        check_base_weights(config.projector_checkpoint, config.projectors)
+        return
+    check_exists(config.run_dir, "the run folder", "--run_dir")
+    if not (Path(config.run_dir) / RUN_CONFIG).is_file():
+        raise FileNotFoundError(
+            f"--run_dir {config.run_dir} holds no {RUN_CONFIG}: is it an output folder of recipes/merr_finetune.py?"
+        )
+    own = {"--projector_checkpoint": config.projector_checkpoint, "--projectors": config.projectors,
+           **(run_supplies or {})}  # fmt: skip
+    given = [option for option, value in own.items() if value is not None]
+    if given:
+        extras = " and ".join(option.removeprefix("--").replace("_", " ") for option in run_supplies or {})
+        raise ValueError(
+            f"{' and '.join(given)} go with --model_name_or_path: a run has its own projectors"
+            + (f" and {extras}." if extras else ".")
+        )
+
+
 def check_exists(path: Path | None, what: str, option: str) -> None:
     if path is not None and not Path(path).exists():
         raise FileNotFoundError(f"{option} {path}: {what} does not exist.")
@@ -112,30 +161,12 @@ def check_base_weights(projector_checkpoint: Path | None, projectors: Path | Non
 
 def check_config(config: ModelEvalConfig) -> None:
     """Refuse contradictory, incomplete or out-of-range settings and missing files before anything is loaded."""
-    if config.run_dir is not None and config.model_name_or_path is not None:
-        raise ValueError("Give --run_dir (a MoSE run) or --model_name_or_path (the base model), not both.")
-    if config.run_dir is None and config.model_name_or_path is None:
-        raise ValueError("Give --run_dir (a MoSE run) or --model_name_or_path (the base model) to generate with.")
-    given = {"--projector_checkpoint": config.projector_checkpoint, "--projectors": config.projectors}
-    projector_options = [option for option, value in given.items() if value is not None]
-    if config.kind == "run":
-        check_exists(config.run_dir, "the run folder", "--run_dir")
-        if not (Path(config.run_dir) / RUN_CONFIG).is_file():
-            raise FileNotFoundError(
-                f"--run_dir {config.run_dir} holds no {RUN_CONFIG}: is it an output folder of recipes/merr_finetune.py?"
-            )
-        if projector_options:
-            raise ValueError(
-                f"{' and '.join(projector_options)} go with --model_name_or_path: a run has its own projectors."
-            )
-    else:
-        check_exists(config.model_name_or_path, "the LLM folder", "--model_name_or_path")
-        if config.data_root is None:
-            raise ValueError(
-                "--model_name_or_path needs --data_root, the MERR folder (features, feature_spec.json, subtitles, "
-                "captions)."
-            )
-        check_base_weights(config.projector_checkpoint, config.projectors)
+    check_model_choice(config, "generate with")
+    if config.kind == "base" and config.data_root is None:
+        raise ValueError(
+            "--model_name_or_path needs --data_root, the MERR folder (features, feature_spec.json, subtitles, "
+            "captions)."
+        )
     check_exists(config.data_root, "the data folder", "--data_root")
     check_exists(config.subsets, "the subsets file", "--subsets")
     unknown = [s for s in config.strategies if s not in STRATEGIES]
@@ -187,7 +218,7 @@ def evaluation_data(config: ModelEvalConfig) -> tuple[MERRDataset, list[Referenc
     return dataset, merr_references(dataset, task, config.subsets), spec
 
 
-def load_model(config: ModelEvalConfig, spec: FeatureSpec) -> tuple[EmotionLlama, PromptEncoder]:
+def load_model(config: ModelChoice, spec: FeatureSpec) -> tuple[EmotionLlama, PromptEncoder]:
     """The model to generate with (eval mode, on ``config.device``) and its prompt encoder; the base model's
     checkpoint reports go to stderr."""
     if config.kind == "run":
@@ -201,11 +232,10 @@ def load_model(config: ModelEvalConfig, spec: FeatureSpec) -> tuple[EmotionLlama
     return model.to(device), encoder
 
 
-def reallocation_options(
-    strategy: str, config: ModelEvalConfig, gate_labels: Sequence[int] | None = None
-) -> dict | None:
-    """``None`` for ``none``; otherwise the :func:`~peft_mose.attention_reallocation` options of AR, gated AR (over
-    the label tokens ``gate_labels``) or PAI (the model passes its modality ids along, MoSE or not)."""
+def reallocation_options(strategy: str, config: ModelChoice, gate: Mapping[str, Any] | None = None) -> dict | None:
+    """``None`` for ``none``; otherwise the :func:`~peft_mose.attention_reallocation` options of AR, gated AR (with
+    the gate's options ``gate``: ``gate_labels`` and ``gate_threshold``) or PAI (the model passes its modality ids
+    along, MoSE or not)."""
     if strategy == "none":
         return None
     options = {
@@ -213,7 +243,9 @@ def reallocation_options(
         "pai_mode": config.pai_mode, "layers": config.layers,
     }  # fmt: skip
     if strategy == "ar+gate":
-        options.update(gate="conflict", gate_labels=gate_labels, gate_threshold=config.gate_threshold)
+        if gate is None:
+            raise ValueError("Strategy 'ar+gate' needs the gate's options (gate_labels, gate_threshold).")
+        options.update(gate="conflict", **gate)
     return options
 
 
@@ -293,13 +325,16 @@ def evaluate_model(config: ModelEvalConfig) -> list[tuple[str, Mapping[str, obje
     rows: list[tuple[str, Mapping[str, object]]] = []
     summary = []
     answers: dict[str, dict[str, str]] = {}
-    gate_labels = label_token_ids(encoder.tokenizer, config.scoring.labels) if "ar+gate" in strategies else None
+    gate = None
+    if "ar+gate" in strategies:
+        gate = {"gate_labels": label_token_ids(encoder.tokenizer, config.scoring.labels),
+                "gate_threshold": config.gate_threshold}  # fmt: skip
     for strategy in strategies:
         gated: dict[str, bool] = {}
         with torch.no_grad():
             predictions = generate_predictions(
                 model, dataset, encoder, device, config.batch_size, max_new_tokens, task=config.prompt_task,
-                reallocation=reallocation_options(strategy, config, gate_labels), gated=gated,
+                reallocation=reallocation_options(strategy, config, gate), gated=gated,
             )
         answers[strategy] = predictions
         records = [{"id": r.id, "prediction": predictions[r.id], **({"gated": gated[r.id]} if gated else {})}
