@@ -11,6 +11,7 @@ from . import _versions
 _versions.check_supported_versions()  # first: out of range, PEFT's private hooks would fail later and obscurely
 
 from ._registration import register as _register
+from ._versions import environment
 from .config import MoSEConfig, MoSEPeftType
 from .context import ModalityContext, StepLayout
 from .experts import EXPERTS
@@ -61,6 +62,7 @@ __all__ = [
     "StepLayout",
     "collate_rows",
     "encode_segments",
+    "environment",
     "insert_embeddings",
     "is_mose_model",
     "modality_ids_from_segments",

@@ -28,6 +28,7 @@ from .functional import (
     reallocation_delta,
     unimodal_attention_proportion,
 )
+from .strategy import PaiMode, Strategy
 from .plot import (
     EmotionWordStep,
     collect_diagnostics,
@@ -47,9 +48,11 @@ __all__ = [
     "GateInputs",
     "LabelConflictDetector",
     "LayerDiagnostics",
+    "PaiMode",
     "ReallocationDiagnostics",
     "ReallocationSettings",
     "StepDiagnostics",
+    "Strategy",
     "amplify_visual_logits",
     "amplify_visual_weights",
     "attention_reallocation",
