@@ -6,14 +6,13 @@ Importing the package registers the ``MOSE`` PEFT type, so ``get_peft_model(mode
 
 import importlib
 
-from . import _versions
+from ._versions import check_supported_versions, environment, package_version
 
-_versions.check_supported_versions()  # first: out of range, PEFT's private hooks would fail later and obscurely
+check_supported_versions()  # first: out of range, PEFT's private hooks would fail later and obscurely
 
 from ._registration import register as _register
-from ._versions import environment
 from .config import MoSEConfig, MoSEPeftType
-from .context import ModalityContext, StepLayout
+from .context import ForwardPositions, ModalityContext
 from .experts import EXPERTS
 from .layer import MoSELayer, MoSELinear
 from .layout import IGNORE_INDEX, SegmentRow, collate_rows, encode_segments, insert_embeddings, prompt_only
@@ -52,6 +51,7 @@ __all__ = [
     "unimodal_attention_proportion",
     "IGNORE_INDEX",
     "Modality",
+    "ForwardPositions",
     "ModalityContext",
     "MoSEConfig",
     "MoSELayer",
@@ -59,7 +59,6 @@ __all__ = [
     "MoSEModel",
     "MoSEPeftType",
     "SegmentRow",
-    "StepLayout",
     "collate_rows",
     "encode_segments",
     "environment",
@@ -69,4 +68,4 @@ __all__ = [
     "prompt_only",
     "validate_modality_ids",
 ]
-__version__ = _versions.package_version()
+__version__ = package_version()

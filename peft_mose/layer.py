@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Optional
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -12,16 +14,71 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import MoSEConfig
-from .experts import EXPERTS, ONLY_EXPERT, autocast_on, mose_delta, token_groups, uniform_delta, uniform_weights
+from .context import AdapterKey, CallMemo, ContextScope, ForwardPositions, ModalityContext
+from .experts import (
+    EXPERTS,
+    ONLY_EXPERT,
+    TokenGroup,
+    autocast_on,
+    mose_delta,
+    token_groups,
+    uniform_delta,
+    uniform_weights,
+)
 from .modality import Modality
 from .router import ModalityRouter, pool_modalities, routing_weight
-from .context import ContextScope, ModalityContext, StepLayout
 
 MERGE_ERROR = (
     "MoSE adapters cannot be merged into the base weights: each token mixes its experts with its own weights "
     "(softmax(W x) over the B matrices, Eq. 2) and with a per-sample, per-modality router weight (Eq. 3-4), so the "
     "update is not one static matrix. Keep the adapter unmerged, or use `unload()` to get the base model back."
 )
+
+
+class TokenMasks(NamedTuple):
+    """Which experts each token of one forward uses (``[batch, seq]``-shaped), for one pair of expert modality sets."""
+
+    visual: torch.Tensor
+    """1 for tokens of the visual expert, float."""
+    nonvisual: torch.Tensor
+    tokens: torch.Tensor
+    """``[batch, seq, 3]``: the tokens each expert processes (visual, non-visual, omni: every real token)."""
+    groups: tuple[TokenGroup, ...]
+    """The tokens grouped by the experts they run (:func:`~peft_mose.experts.token_groups`)."""
+    pool: torch.Tensor
+    """``[batch, 2, seq]``: the router's averaging weights over the visual and non-visual prompt tokens (Eq. 3)."""
+
+
+class _ForwardMasks(dict):
+    """Per-forward memo: :class:`TokenMasks` by ``(visual ids, non-visual ids)``, shared by the layers of a forward."""
+
+
+class UniformPlan(NamedTuple):
+    """What a decode step whose new tokens all run the same experts needs, made once per call and layer: the
+    experts' weights side by side (:func:`~peft_mose.experts.uniform_weights`), each sample's expert weights."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    gate: torch.Tensor | None
+    coef: torch.Tensor
+    experts: tuple[int, ...]
+
+
+@dataclass
+class RoutingMemo(CallMemo):
+    """MoSE's per-call memo, by ``(layer name, adapter name)``: the prompt's router weight ``lambda`` (Eq. 3, made at
+    prefill, read by decode steps and carried with the cache), the experts' mean token gates of the call's last forward
+    (made when the call closes, so that decode steps do not pay for them) and the uniform decode plans."""
+
+    router_weights: dict[AdapterKey, torch.Tensor] = field(default_factory=dict)
+    expert_weights: dict[AdapterKey, Callable[[], torch.Tensor] | torch.Tensor] = field(default_factory=dict)
+    uniform_plans: dict[AdapterKey, UniformPlan | None] = field(default_factory=dict)
+
+    def carried(self) -> RoutingMemo:
+        return RoutingMemo(dict(self.router_weights))
+
+    def closed(self) -> RoutingMemo:
+        return RoutingMemo(dict(self.router_weights), {key: mean() for key, mean in self.expert_weights.items()})
 
 
 class MoSELayer(BaseTunerLayer):
@@ -31,7 +88,7 @@ class MoSELayer(BaseTunerLayer):
 
     adapter_layer_names = ("mose_A", "mose_B", "mose_gate", "mose_router")
     other_param_names = (
-        "r", "lora_alpha", "scaling", "n_experts", "eps", "expert_ids", "expert_kind", "mose_dropout"
+        "r", "lora_alpha", "scaling", "n_experts", "eps", "expert_ids", "expert_kind", "mose_variant", "mose_dropout"
     )
 
     def __init__(self, base_layer: nn.Module, scope: Optional[ContextScope], layer_name: str) -> None:
@@ -48,6 +105,7 @@ class MoSELayer(BaseTunerLayer):
         self.eps: dict[str, float] = {}
         self.expert_ids: dict[str, tuple[frozenset[int], frozenset[int]]] = {}
         self.expert_kind: dict[str, str] = {}
+        self.mose_variant: dict[str, _Variant] = {}
         self._disable_adapters = False
         self.merged_adapters = []
         self.scope = scope
@@ -65,6 +123,7 @@ class MoSELayer(BaseTunerLayer):
         self.eps[adapter_name] = config.eps
         self.expert_ids[adapter_name] = config.expert_modalities()
         self.expert_kind[adapter_name] = kind = config.expert_kind
+        self.mose_variant[adapter_name] = _MIXTURE_OF_LORAS if kind == "moae" else _MODALITY_EXPERTS
         self.mose_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         experts = 1 if kind == "moae" else len(EXPERTS)
         a_shape = (experts, r, d_in) if kind == "asymmetric" else (experts, n, r, d_in)
@@ -102,60 +161,62 @@ class MoSELayer(BaseTunerLayer):
     def unmerge(self) -> None:
         raise ValueError(MERGE_ERROR)
 
-    def _token_masks(self, step: StepLayout | None, adapter_name: str, batch: int, seq: int, device) -> dict:
+    def _token_masks(self, positions: ForwardPositions | None, adapter_name: str, batch: int, seq: int, device) -> TokenMasks:
         """Per-token expert indicators, the tokens grouped by the experts they use and the router's pooling
-        weights, ``[batch, seq]``-shaped; once per forward (memoised in the step) and expert modality sets."""
+        weights; once per forward (memoised with the forward's positions) and expert modality sets."""
         visual, nonvisual = self.expert_ids[adapter_name]
-        if step is None:
+        if positions is None:
             ids = torch.full((batch, seq), int(Modality.TEXT), dtype=torch.long, device=device)
             valid = torch.ones(batch, seq, dtype=torch.bool, device=device)
         else:
-            if step.batch_size != batch or step.new_length != seq:
+            if positions.batch_size != batch or positions.new_length != seq:
                 raise ValueError(
                     f"MoSE layer '{self.layer_name}' received input of batch {batch} and length {seq}, but the model "
-                    f"call has batch {step.batch_size} and {step.new_length} new tokens. MoSE targets must be layers "
-                    "that process the model's token sequence (not e.g. a vision tower or cross-attention inputs)."
+                    f"call has batch {positions.batch_size} and {positions.new_length} new tokens. MoSE targets must "
+                    "be layers that process the model's token sequence (not e.g. a vision tower or cross-attention "
+                    "inputs)."
                 )
-            key = (visual, nonvisual)
-            if key in step.expert_masks:
-                return step.expert_masks[key]
-            ids, valid = step.new(step.modality_ids), step.new(step.valid)
+            memo = positions.memos.get(_ForwardMasks)
+            if (visual, nonvisual) in memo:
+                return memo[(visual, nonvisual)]
+            ids, valid = positions.new(positions.modality_ids), positions.new(positions.valid)
         is_visual = _isin(ids, visual)
         is_nonvisual = _isin(ids, nonvisual)
         prompt = valid & (ids != int(Modality.ANSWER))
         pool = torch.stack([is_visual & prompt, is_nonvisual & prompt], dim=1).float()
         pool = pool / pool.sum(-1, keepdim=True).clamp_min(1.0)
-        masks = {
-            "visual": is_visual.float(),
-            "nonvisual": is_nonvisual.float(),
-            "tokens": torch.stack([is_visual, is_nonvisual, valid], dim=-1).float(),
-            "groups": token_groups(is_visual, is_nonvisual),
-            "pool": pool,
-        }
-        if step is not None:
-            step.expert_masks[(visual, nonvisual)] = masks
+        masks = TokenMasks(
+            visual=is_visual.float(),
+            nonvisual=is_nonvisual.float(),
+            tokens=torch.stack([is_visual, is_nonvisual, valid], dim=-1).float(),
+            groups=token_groups(is_visual, is_nonvisual),
+            pool=pool,
+        )
+        if positions is not None:
+            positions.memos.get(_ForwardMasks)[(visual, nonvisual)] = masks
         return masks
 
     def _routing_lambda(
-        self, adapter_name: str, x: torch.Tensor, masks: dict, context: ModalityContext | None
+        self, adapter_name: str, x: torch.Tensor, masks: TokenMasks | None, context: ModalityContext | None
     ) -> torch.Tensor:
         """Eq. 3 on this call's prompt; a forward that continues a cached prompt reuses the prompt's weight."""
         key = (self.layer_name, adapter_name)
+        routing = None if context is None else context.memos.get(RoutingMemo)
         if adapter_name not in self.mose_router:  # router=False: the experts averaged (Table 6, row c)
             lam = x.new_full((x.shape[0],), 0.5)
-            if context is not None:
-                context.router_weights[key] = lam
+            if routing is not None:
+                routing.router_weights[key] = lam
             return lam
-        if context is None or context.step is None or context.step.prefill:
-            pooled = pool_modalities(x, masks["pool"])
+        if context is None or context.forward is None or context.forward.prefill:
+            pooled = pool_modalities(x, masks.pool)
             lam = routing_weight(self.mose_router[adapter_name], pooled, self.eps[adapter_name])
-            if context is not None:
-                context.router_weights[key] = lam.detach()
+            if routing is not None:
+                routing.router_weights[key] = lam.detach()
             return lam
-        lam = context.router_weights.get(key)
+        lam = routing.router_weights.get(key)
         if lam is None or lam.shape[0] != x.shape[0]:
             raise ValueError(
-                f"MoSE layer '{self.layer_name}': this call continues a KV cache ({context.step.past_length} cached "
+                f"MoSE layer '{self.layer_name}': this call continues a KV cache ({context.forward.past_length} cached "
                 f"positions, batch {x.shape[0]}) whose prompt did not run through this MoSE model, so the prompt's "
                 "router weight is unknown. Run the prompt through the model first (generate does) and pass its cache "
                 "back, or pass the whole sequence without a cache."
@@ -166,51 +227,6 @@ class MoSELayer(BaseTunerLayer):
         dropout = self.mose_dropout[adapter_name]
         return x if isinstance(dropout, nn.Identity) or not dropout.training else dropout(x_cast)
 
-    def _uniform_plan(
-        self, adapter_name: str, x: torch.Tensor, step: StepLayout | None, context: ModalityContext | None
-    ) -> tuple | None:
-        """For a decode step whose new tokens all have one modality (known from the cache, no data read): the
-        weight views of its experts and each sample's expert weights, made once per call (the context's memo).
-        ``None`` for the general path: other steps, visual + omni (not neighbours), autocast."""
-        if step is None or step.prefill or step.uniform is None:
-            return None
-        key = (self.layer_name, adapter_name)
-        if key in context.uniform_plans:
-            return context.uniform_plans[key]
-        visual, nonvisual = self.expert_ids[adapter_name]
-        modality = int(step.uniform)
-        A, B = self.mose_A[adapter_name], self.mose_B[adapter_name]
-        if modality in visual or self.expert_kind[adapter_name] == "moae" or autocast_on(A.device.type):
-            context.uniform_plans[key] = None
-            return None
-        experts = (1, 2) if modality in nonvisual else (2,)
-        lam = self._routing_lambda(adapter_name, x, {}, context).to(A.dtype)
-        weights = (1 - lam, torch.ones_like(lam)) if experts == (1, 2) else (torch.ones_like(lam),)
-        coef = (torch.stack(weights, dim=1) * self.scaling[adapter_name])[:, None, :, None]
-        plan = context.uniform_plans[key] = (
-            *uniform_weights(A, B, self.mose_gate.get(adapter_name), experts), coef, experts
-        )
-        return plan
-
-    def _uniform_forward(self, adapter_name: str, x: torch.Tensor, plan: tuple, context: ModalityContext):
-        """A decode step: the gate, one stacked A, one stacked B (:func:`~peft_mose.experts.uniform_delta`)."""
-        A_g, B_g, gate_g, coef, experts = plan
-        x_a = self._cast_input_dtype(x, A_g.dtype)
-        delta, gates = uniform_delta(self._dropout(adapter_name, x_a, x_a), A_g, B_g, gate_g, coef)
-        context.expert_weights[(self.layer_name, adapter_name)] = functools.partial(_uniform_mean_gates, gates, experts)
-        return delta
-
-    def _moae_delta(self, adapter_name: str, x: torch.Tensor, context: ModalityContext | None) -> torch.Tensor:
-        """Table 6 row a: ``N`` independent LoRAs mixed by ``softmax(W x)`` on every token, whatever its modality."""
-        A = self.mose_A[adapter_name]
-        coef = x.new_full((*x.shape[:-1], 1), self.scaling[adapter_name], dtype=A.dtype)
-        gate = self.mose_gate[adapter_name] if adapter_name in self.mose_gate else None
-        x_d = self._dropout(adapter_name, x, self._cast_input_dtype(x, A.dtype))
-        delta, gates = mose_delta(x_d, A, self.mose_B[adapter_name], gate, coef, ONLY_EXPERT)
-        if context is not None:
-            context.expert_weights[(self.layer_name, adapter_name)] = functools.partial(_mean_gates, gates, torch.ones_like(coef))
-        return delta
-
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters:
@@ -219,34 +235,15 @@ class MoSELayer(BaseTunerLayer):
         if not active:
             return result
         context = self.scope.current() if self.scope is not None else None
-        step = None if context is None else context.step
         # any input [..., features]: the first dim is the batch, the others are tokens (a 1-D input is one token);
         # with a context the input is the model's [batch, seq, features]
-        tokens = x if step is not None else x.reshape(1 if x.dim() < 2 else x.shape[0], -1, x.shape[-1])
+        if context is None or context.forward is None:
+            x = x.reshape(1 if x.dim() < 2 else x.shape[0], -1, x.shape[-1])
         for name in active:
-            if self.expert_kind[name] == "moae":
-                result = result + self._moae_delta(name, tokens, context).reshape(result.shape).to(result.dtype)
-                continue
-            plan = self._uniform_plan(name, tokens, step, context)
-            if plan is not None:
-                delta = self._uniform_forward(name, tokens, plan, context)
-                result = result + (delta if delta.dtype == result.dtype else delta.to(result.dtype))
-                continue
-            A = self.mose_A[name]
-            x_a = self._cast_input_dtype(tokens, A.dtype)
-            masks = self._token_masks(step, name, tokens.shape[0], tokens.shape[1], x.device)
-            lam = self._routing_lambda(name, x_a, masks, context)
-            coef = torch.stack(
-                [lam[:, None] * masks["visual"], (1 - lam[:, None]) * masks["nonvisual"], torch.ones_like(masks["visual"])],
-                dim=-1,
-            ) * self.scaling[name]
-            # without dropout the experts get `x` itself and cast it: backward keeps no copy in A's dtype
-            x_d = self._dropout(name, tokens, x_a)
-            gate = self.mose_gate[name] if name in self.mose_gate else None
-            delta, gates = mose_delta(x_d, A, self.mose_B[name], gate, coef.to(A.dtype), masks["groups"])
-            result = result + delta.reshape(result.shape).to(result.dtype)
-            if context is not None:
-                context.expert_weights[(self.layer_name, name)] = functools.partial(_mean_gates, gates, masks["tokens"])
+            delta = self.mose_variant[name].delta(self, name, x, context)
+            if delta.shape != result.shape:
+                delta = delta.reshape(result.shape)
+            result = result + (delta if delta.dtype == result.dtype else delta.to(result.dtype))
         return result
 
     def __repr__(self) -> str:
@@ -270,6 +267,82 @@ class MoSELinear(nn.Module, MoSELayer):
         self.update_layer(adapter_name, config)
 
     forward = MoSELayer.forward
+
+
+class _ModalityExperts:
+    """MoSE's three experts (Eq. 2-4; symmetric or asymmetric by the shape of ``A``): a decode step whose new tokens
+    all run the same experts takes :func:`~peft_mose.experts.uniform_delta`, any other forward
+    :func:`~peft_mose.experts.mose_delta` over the tokens grouped by expert."""
+
+    def delta(self, layer: MoSELayer, name: str, x: torch.Tensor, context: ModalityContext | None) -> torch.Tensor:
+        positions = None if context is None else context.forward
+        plan = self._uniform_plan(layer, name, x, positions, context)
+        if plan is not None:
+            x_a = layer._cast_input_dtype(x, plan.A.dtype)
+            delta, gates = uniform_delta(layer._dropout(name, x_a, x_a), plan.A, plan.B, plan.gate, plan.coef)
+            mean = functools.partial(_uniform_mean_gates, gates, plan.experts)
+            context.memos.get(RoutingMemo).expert_weights[(layer.layer_name, name)] = mean
+            return delta
+        A = layer.mose_A[name]
+        x_a = layer._cast_input_dtype(x, A.dtype)
+        masks = layer._token_masks(positions, name, x.shape[0], x.shape[1], x.device)
+        lam = layer._routing_lambda(name, x_a, masks, context)
+        coef = torch.stack(
+            [lam[:, None] * masks.visual, (1 - lam[:, None]) * masks.nonvisual, torch.ones_like(masks.visual)], dim=-1
+        ) * layer.scaling[name]
+        # without dropout the experts get `x` itself and cast it: backward keeps no copy in A's dtype
+        x_d = layer._dropout(name, x, x_a)
+        gate = layer.mose_gate[name] if name in layer.mose_gate else None
+        delta, gates = mose_delta(x_d, A, layer.mose_B[name], gate, coef.to(A.dtype), masks.groups)
+        if context is not None:
+            mean = functools.partial(_mean_gates, gates, masks.tokens)
+            context.memos.get(RoutingMemo).expert_weights[(layer.layer_name, name)] = mean
+        return delta
+
+    @staticmethod
+    def _uniform_plan(
+        layer: MoSELayer, name: str, x: torch.Tensor, positions: ForwardPositions | None,
+        context: ModalityContext | None,
+    ) -> UniformPlan | None:
+        """The plan of a decode step whose new tokens all have one modality (known from the cache, no data read),
+        made once per call; ``None`` for the general path: other forwards, visual + omni (not neighbours), autocast."""
+        if positions is None or positions.prefill or positions.uniform is None:
+            return None
+        plans, key = context.memos.get(RoutingMemo).uniform_plans, (layer.layer_name, name)
+        if key in plans:
+            return plans[key]
+        visual, nonvisual = layer.expert_ids[name]
+        modality = int(positions.uniform)
+        A, B = layer.mose_A[name], layer.mose_B[name]
+        if modality in visual or autocast_on(A.device.type):
+            plans[key] = None
+            return None
+        experts = (1, 2) if modality in nonvisual else (2,)
+        lam = layer._routing_lambda(name, x, None, context).to(A.dtype)
+        weights = (1 - lam, torch.ones_like(lam)) if experts == (1, 2) else (torch.ones_like(lam),)
+        coef = (torch.stack(weights, dim=1) * layer.scaling[name])[:, None, :, None]
+        plans[key] = plan = UniformPlan(*uniform_weights(A, B, layer.mose_gate.get(name), experts), coef, experts)
+        return plan
+
+
+class _MixtureOfLoRAs:
+    """Table 6 row a (MoAE): ``N`` independent LoRAs mixed by ``softmax(W x)`` on every token, whatever its
+    modality; no modality experts, no router."""
+
+    def delta(self, layer: MoSELayer, name: str, x: torch.Tensor, context: ModalityContext | None) -> torch.Tensor:
+        A = layer.mose_A[name]
+        coef = x.new_full((*x.shape[:-1], 1), layer.scaling[name], dtype=A.dtype)
+        gate = layer.mose_gate[name] if name in layer.mose_gate else None
+        x_d = layer._dropout(name, x, layer._cast_input_dtype(x, A.dtype))
+        delta, gates = mose_delta(x_d, A, layer.mose_B[name], gate, coef, ONLY_EXPERT)
+        if context is not None:
+            mean = functools.partial(_mean_gates, gates, torch.ones_like(coef))
+            context.memos.get(RoutingMemo).expert_weights[(layer.layer_name, name)] = mean
+        return delta
+
+
+_Variant = _ModalityExperts | _MixtureOfLoRAs
+_MODALITY_EXPERTS, _MIXTURE_OF_LORAS = _ModalityExperts(), _MixtureOfLoRAs()
 
 
 @torch.no_grad()

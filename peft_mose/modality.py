@@ -66,14 +66,7 @@ def validate_modality_ids(modality_ids: torch.Tensor, batch: int | None = None, 
         raise ValueError(f"`modality_ids` must be an integer tensor of Modality values, got dtype {modality_ids.dtype}.")
     if modality_ids.dim() != 2:
         raise ValueError(f"`modality_ids` must have shape [batch, seq_len], got {tuple(modality_ids.shape)}.")
-    if batch is not None and modality_ids.shape[0] != batch:
-        raise ValueError(
-            f"`modality_ids` has batch size {modality_ids.shape[0]} but the inputs have batch size {batch}."
-        )
-    if length is not None and modality_ids.shape[1] != length:
-        raise ValueError(
-            f"`modality_ids` has length {modality_ids.shape[1]} but the inputs have sequence length {length}."
-        )
+    check_modality_shape(modality_ids, batch, length)
     if modality_ids.device.type == "meta":
         raise ValueError("`modality_ids` is on the meta device; pass a tensor with data.")
     if modality_ids.numel():
@@ -86,6 +79,18 @@ def validate_modality_ids(modality_ids: torch.Tensor, batch: int | None = None, 
                 + ", ".join(f"{m.name}={m.value}" for m in Modality)
                 + "."
             )
+
+
+def check_modality_shape(modality_ids: torch.Tensor, batch: int | None, length: int | None) -> None:
+    """``ValueError`` unless the ``[batch, seq_len]`` ids have the inputs' ``batch`` and ``length`` (``None``: any)."""
+    if batch is not None and modality_ids.shape[0] != batch:
+        raise ValueError(
+            f"`modality_ids` has batch size {modality_ids.shape[0]} but the inputs have batch size {batch}."
+        )
+    if length is not None and modality_ids.shape[1] != length:
+        raise ValueError(
+            f"`modality_ids` has length {modality_ids.shape[1]} but the inputs have sequence length {length}."
+        )
 
 
 def modality_ids_from_segments(

@@ -7,13 +7,14 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, _filter_state_dict_by_key_prefixes, _get_tuner_state_dict_key_prefixes
+from peft.tuners.tuners_utils import BaseTuner
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
+from ._compat.peft import adapter_tensors
 from .config import MoSEConfig
-from .layer import MERGE_ERROR, MoSELayer, MoSELinear
-from .context import ContextScope, check_prompt
+from .context import CallKind, ContextScope, check_prompt
+from .layer import MERGE_ERROR, MoSELayer, MoSELinear, RoutingMemo
 
 
 class MoSEModel(BaseTuner):
@@ -56,37 +57,23 @@ class MoSEModel(BaseTuner):
 
     @contextlib.contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
-        """Open the call's modality context; every ``PeftModel`` forward and ``generate`` enters here first."""
-        with self._modality_call(args, kwargs, generate=False):
+        """Open the call's modality context: every ``PeftModel`` forward and ``generate`` enters here first (a
+        ``generate`` then declares the call one, in :meth:`generate`)."""
+        with self.scope.call(self.model, kwargs.get("modality_ids"), CallKind.FORWARD):
             yield
 
     def forward(self, *args: Any, modality_ids: torch.Tensor | None = None, **kwargs: Any):
         """The wrapped model's forward. ``modality_ids`` ``[batch, positions]`` cover every position the call
         attends to, cached ones included; with a cache returned by an earlier call they may be left out."""
-        with self._modality_call(args, {**kwargs, "modality_ids": modality_ids}, generate=False):
+        with self.scope.call(self.model, modality_ids, CallKind.FORWARD):
             return self.model(*args, **kwargs)
 
     def generate(self, *args: Any, modality_ids: torch.Tensor | None = None, **kwargs: Any):
         """``generate`` with ``modality_ids`` of the prompt (``[batch, prompt_len]``); generated tokens are answer
         tokens, and the router weight of the prompt (computed at prefill) is used at every step."""
-        if modality_ids is not None:
-            check_prompt(modality_ids, args, kwargs)
-        with self._modality_call(args, {**kwargs, "modality_ids": modality_ids}, generate=True):
+        with self.scope.call(self.model, modality_ids, CallKind.GENERATE) as context:
+            check_prompt(context, args, kwargs)
             return self.model.generate(*args, **kwargs)
-
-    @contextlib.contextmanager
-    def _modality_call(self, args: tuple, kwargs: dict, generate: bool) -> Iterator[None]:
-        """The context of this top-level call: the one ``PeftModel`` opened (a ``generate`` marks its ids as the
-        prompt's), or a new one when the tuner is called directly."""
-        context = self.scope.open_context()
-        if context is not None:
-            if generate:
-                context.prompt = context.generate = True
-            yield
-            return
-        # the ids are checked against each forward's shape (and cache) when it starts
-        with self.scope.call(self.model, kwargs.get("modality_ids"), generate=generate):
-            yield
 
     def routing_stats(self, adapter_name: str | None = None) -> dict[str, dict[str, torch.Tensor]]:
         """The last call's routing per MoSE layer: ``{layer: {"lambda": [batch], "expert_weights": [batch, 3, N]}}``.
@@ -96,7 +83,12 @@ class MoSEModel(BaseTuner):
         (for ``generate``, the last decode step). MoAE (``expert_kind="moae"``) has one expert and no ``lambda``
         (``None``)."""
         name = adapter_name or self.active_adapters[0]
-        return {layer: dict(stats) for (layer, adapter), stats in self.scope.last_routing.items() if adapter == name}
+        routing = self.scope.last_call.find(RoutingMemo) or RoutingMemo()
+        return {
+            layer: {"lambda": routing.router_weights.get((layer, adapter)), "expert_weights": means}
+            for (layer, adapter), means in routing.expert_weights.items()
+            if adapter == name
+        }
 
     def _check_merge_allowed(self) -> None:
         raise ValueError(MERGE_ERROR)
@@ -113,9 +105,8 @@ class MoSEModel(BaseTuner):
         """Map checkpoint keys to the model and refuse files that do not fit it (missing, extra or misshaped
         MoSE tensors) with an error that names the tensor."""
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        prefixes = _get_tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)
         expected = {
-            k: v for k, v in _filter_state_dict_by_key_prefixes(model.state_dict(), prefixes).items()
+            k: v for k, v in adapter_tensors(model, adapter_name).items()
             if ".mose_" in k and not k.endswith(".mose_dropout")
         }
         loaded = {k: v for k, v in remapped.items() if ".mose_" in k}

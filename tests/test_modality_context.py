@@ -15,7 +15,8 @@ from peft import get_peft_model
 from conftest import cache_of, layout, make_tiny_llama, random_tokens
 from peft_mose import Modality, MoSEConfig, MoSELayer
 from peft_mose.attention import attention_reallocation
-from peft_mose.context import _OPEN, ModalityContext, StepLayout
+from peft_mose.context import CallKind, ForwardPositions, ModalityContext
+from peft_mose.layer import RoutingMemo
 
 CFG = dict(r=8, n_experts=2, eps=0.3, init_weights=False, lora_dropout=0.0)
 GEN = dict(max_new_tokens=5, do_sample=False)
@@ -39,14 +40,14 @@ def test_a_second_call_in_an_ar_block_does_not_reuse_the_first_calls_lambda(mose
 
 def test_no_context_stays_open_after_a_call_even_when_it_fails(mose):
     mose(input_ids=random_tokens(), modality_ids=layout())
-    assert _OPEN.get() == () and mose.base_model.scope.open_context() is None
+    assert mose.base_model.scope.open_context() is None
     with pytest.raises(ValueError, match="call covers 16 positions"):
         mose(input_ids=random_tokens(), modality_ids=layout()[:, :10])
     with pytest.raises(RuntimeError, match="boom"):
         with attention_reallocation(mose, tau=0.0):
             mose.generate(input_ids=random_tokens(), modality_ids=layout(), max_new_tokens=1,
                           logits_processor=[_Boom()])
-    assert _OPEN.get() == ()
+    assert mose.base_model.scope.open_context() is None
     base = mose.get_base_model()
     assert not base._forward_pre_hooks and not base._forward_hooks
 
@@ -87,7 +88,7 @@ def test_the_prompts_lambda_lives_in_the_context_and_routing_stats_report_it(mos
     seen = []
 
     def spy(module, args, output):
-        seen.append(dict(mose.base_model.scope.open_context().router_weights))
+        seen.append(dict(mose.base_model.scope.open_context().memos.get(RoutingMemo).router_weights))
 
     handle = next(m for m in mose.modules() if isinstance(m, MoSELayer)).register_forward_hook(spy)
     mose.generate(input_ids=ids, modality_ids=mods, **GEN)
@@ -140,7 +141,7 @@ def test_copies_and_pickles_start_with_no_calls_behind_them(mose):
     ids, mods = random_tokens(), layout()
     out = mose(input_ids=ids, modality_ids=mods, use_cache=True)
     clone = pickle.loads(pickle.dumps(mose))
-    assert clone.base_model.scope.last_routing == {}
+    assert clone.base_model.routing_stats() == {}
     with pytest.raises(ValueError, match="whose prompt did not run through this MoSE model"):
         clone(input_ids=ids[:, :1], **cache_of(out))
     assert torch.equal(clone(input_ids=ids, modality_ids=mods).logits, out.logits)
@@ -200,12 +201,14 @@ def test_the_decode_path_equals_the_general_path_for_outputs_and_gradients(llama
 
     def run(uniform):
         valid = torch.ones_like(ids, dtype=torch.bool)
-        step = StepLayout(ids, valid, past_length=6, new_length=1, prefill=False,
-                          uniform=Modality.ANSWER if uniform else None)
-        context = ModalityContext(prompt, prompt=True, router_weights={key: lam}, step=step)
+        positions = ForwardPositions(ids, valid, past_length=6, new_length=1,
+                                     uniform=Modality.ANSWER if uniform else None)
+        context = ModalityContext(CallKind.GENERATE, prompt, needs_grad=True, forward=positions, past_length=6)
+        routing = context.memos.get(RoutingMemo)
+        routing.router_weights[key] = lam
         with scope._opened(context):
             out = layer(x)
-        assert (key in context.uniform_plans and context.uniform_plans[key] is not None) == uniform
+        assert (routing.uniform_plans.get(key) is not None) == uniform
         return out, torch.autograd.grad(out.square().sum(), [x, *params], allow_unused=True)
 
     (fast, fast_grads), (general, general_grads) = run(True), run(False)

@@ -1,4 +1,8 @@
-"""PEFT internals behind the adapter checksum (``peft_mose/checksum.py``). Checked on peft 0.21.2.
+"""PEFT internals: the adapter checksum's save and load globals, and the tuner's state-dict key helpers. Checked on
+peft 0.21.2.
+
+The helpers ``_get_tuner_state_dict_key_prefixes`` and ``_filter_state_dict_by_key_prefixes`` (peft.tuners.tuners_utils)
+select a model's tensors of one adapter as ``_remap_adapter_state_dict_for_load`` keys them (:func:`adapter_tensors`).
 
 ``PeftModel.save_pretrained`` writes each adapter with the module global ``peft.peft_model.safe_save_file(state_dict,
 path, metadata={"format": "pt"})``, and ``PeftModel.load_adapter`` (which ``from_pretrained`` calls) reads it with
@@ -19,7 +23,9 @@ from typing import Any
 
 import torch
 from peft import peft_model
+from peft.tuners.tuners_utils import _filter_state_dict_by_key_prefixes, _get_tuner_state_dict_key_prefixes
 from peft.utils import SAFETENSORS_WEIGHTS_NAME
+from torch import nn
 
 from ..checksum import verify_file, with_checksum
 
@@ -57,3 +63,9 @@ def install(prefix: str) -> None:
 
         setattr(load_verified, _MARK, True)
         peft_model.load_peft_weights = load_verified
+
+
+def adapter_tensors(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    """The tensors of ``model`` (a tuner) that belong to ``adapter_name``, keyed as PEFT's loader keys them."""
+    prefixes = _get_tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)
+    return _filter_state_dict_by_key_prefixes(model.state_dict(), prefixes)

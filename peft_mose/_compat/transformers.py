@@ -3,6 +3,7 @@
 Only public types are used (``transformers.Cache``, ``ModelOutput``); the keyword names are not relied on: the cache
 travelled as ``past_key_values=`` up to 5.23 and as ``cache=`` from 5.24 (``past_key_values`` is then a deprecated
 alias resolved inside forward, after module pre-hooks have run), so it is found by type under any keyword.
+``config._attn_implementation`` is read for the implementation a model runs (:func:`attn_implementation`).
 ``cache_position`` is not used: Llama's forward no longer receives it from 5.4. Checked on transformers 5.4.0,
 5.10.4, 5.15.1, 5.20.2, 5.23.0 and 5.24.0 (``tools/compat.sh``).
 """
@@ -66,3 +67,9 @@ def enable_activation_checkpointing(model: nn.Module, **checkpoint_kwargs: Any) 
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs)
+
+
+def attn_implementation(model: nn.Module) -> str | None:
+    """The attention implementation ``model`` runs (``config._attn_implementation``: what ``set_attn_implementation``
+    sets and the attention registry is looked up by; transformers has no public getter for it)."""
+    return model.config._attn_implementation

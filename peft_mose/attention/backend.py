@@ -30,9 +30,10 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from .._compat.transformers import attn_implementation
+from ..context import CallKind, ContextScope, ForwardPositions, ModalityContext, check_prompt
 from ..modality import Modality, validate_modality_ids
 from ..model import mose_tuner
-from ..context import ContextScope, ModalityContext, StepLayout
 from .diagnostics import ReallocationDiagnostics
 from .gate import (
     DEFAULT_GATE_THRESHOLD,
@@ -45,20 +46,20 @@ from .gate import (
     gate_inputs,
 )
 from .functional import (
-    _modality_mass,
-    _plan,
-    _reallocation_delta,
-    _stack_masks,
-    _totals,
     amplify_visual_logits,
     amplify_visual_weights,
     check_alpha,
     check_tau,
     compute_dtype,
+    modality_totals,
+    plan_reallocation,
+    stack_masks,
+    stacked_modality_mass,
+    stacked_reallocation_delta,
 )
+from .strategy import PaiMode, Strategy
 
-STRATEGIES = ("ar", "pai")
-PAI_MODES = ("logits", "weights")
+PAI_MODES = tuple(mode.value for mode in PaiMode)  # for the recipes until they read PaiMode
 ROW_MODES = ("response", "all")
 GATES = ("conflict",)
 BASE_IMPLEMENTATIONS = ("sdpa", "eager")
@@ -69,10 +70,10 @@ PREFIX = "mosear_"
 class ReallocationSettings:
     """What the attention backend does; built and validated by :func:`attention_reallocation`."""
 
-    strategy: str
+    strategy: Strategy
     tau: float
     alpha: float
-    pai_mode: str
+    pai_mode: PaiMode
     rows: str
     layers: frozenset[int]
     gate: ConflictDetector | None = None
@@ -89,9 +90,66 @@ class AttentionReallocation:
     gate_decisions: list[GateDecisions] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class _Reallocate:
+    """AR (Eq. 5-14, threshold ``tau``) on the response rows of the samples the gate flags."""
+
+    tau: float
+
+    @property
+    def changes_attention(self) -> bool:
+        return self.tau != math.inf
+
+    def __call__(self, scores: Tensor, bias: Tensor | None, weights: Tensor, keys: _KeyMasks) -> Tensor:
+        """The rows' new weights, or ``weights`` itself when AR changes nothing (checked only on CPU, where it is
+        cheaper than the work it saves, while on GPUs it would sync every layer)."""
+        check = weights.device.type == "cpu"
+        visual_mass, audio_mass = stacked_modality_mass(weights, keys.stacked)
+        if check and not bool((modality_totals(visual_mass, audio_mass)[2] > self.tau).any()):
+            return weights
+        plan = plan_reallocation(visual_mass, audio_mass, self.tau, keys.gated)
+        if check and not bool(plan.biased.any()):
+            return weights
+        return weights + stacked_reallocation_delta(weights, keys.stacked, plan)
+
+
+@dataclass(frozen=True)
+class _AmplifyVisualWeights:
+    """PAI as the MoSEAR paper describes it (``pai_mode="weights"``)."""
+
+    alpha: float
+    changes_attention = True
+
+    def __call__(self, scores: Tensor, bias: Tensor | None, weights: Tensor, keys: _KeyMasks) -> Tensor:
+        return amplify_visual_weights(weights, keys.visual, self.alpha)
+
+
+@dataclass(frozen=True)
+class _AmplifyVisualLogits:
+    """PAI as its reference code does it (``pai_mode="logits"``)."""
+
+    alpha: float
+    changes_attention = True
+
+    def __call__(self, scores: Tensor, bias: Tensor | None, weights: Tensor, keys: _KeyMasks) -> Tensor:
+        boosted = amplify_visual_logits(scores, keys.visual, self.alpha)
+        return torch.softmax(boosted if bias is None else boosted + bias, dim=-1)
+
+
+_Rule = _Reallocate | _AmplifyVisualWeights | _AmplifyVisualLogits
+
+
+def _rule(settings: ReallocationSettings) -> _Rule:
+    """What the chosen rows' weights become, chosen once per block."""
+    if settings.strategy is Strategy.PAI:
+        return (_AmplifyVisualWeights if settings.pai_mode is PaiMode.WEIGHTS else _AmplifyVisualLogits)(settings.alpha)
+    return _Reallocate(settings.tau)
+
+
 @dataclass
 class _Active:
     settings: ReallocationSettings
+    rule: _Rule
     scope: ContextScope
     diagnostics: ReallocationDiagnostics | None
     target: nn.Module
@@ -115,14 +173,15 @@ class _Rows:
 
 
 @dataclass
-class _Layout:
-    """Per-forward modality layout over the ``k_len`` keys of the attention call, memoised in the step."""
+class _KeyMasks:
+    """The modalities of the ``k_len`` keys of one forward's attention calls, and the query rows AR changes."""
 
     modality_ids: Tensor
     valid: Tensor
     visual: Tensor
     audio: Tensor
-    masks: Tensor
+    stacked: Tensor
+    """``visual`` and ``audio`` as float columns (:func:`~.functional.stack_masks`)."""
     gated: Tensor | None
     """The samples the conflict gate lets AR act on, ``[batch]`` (``None``: no gate, all)."""
     rows: _Rows | None
@@ -152,41 +211,69 @@ def _row_positions(rows: _Rows, q_len: int) -> Tensor:
     return torch.arange(q_len, device=rows.ok.device).expand_as(rows.ok)
 
 
-def _layout(
-    state: StepLayout, batch: int, q_len: int, k_len: int, rows: str, record: bool, gated: Tensor | None
-) -> _Layout:
-    key = (rows, record, k_len)
-    if key in state.attention_layouts:
-        return state.attention_layouts[key]
-    total = state.past_length + state.new_length
-    if state.batch_size != batch or state.new_length != q_len or total > k_len:
+@dataclass
+class _ForwardMemo:
+    """AR's per-forward memo: the response rows and the key masks by ``(all rows, recorded, k_len)``."""
+
+    response_rows: Tensor | None = None
+    key_masks: dict[tuple[bool, bool, int], _KeyMasks] = field(default_factory=dict)
+
+
+@dataclass
+class _CallGate:
+    """AR's per-call memo: the conflict gate's decisions for the call (made at its first forward)."""
+
+    decisions: GateDecisions | None = None
+
+
+def _response_rows(positions: ForwardPositions, memo: _ForwardMemo) -> Tensor:
+    """Rows whose next token is part of the response, ``[batch, total]``: each sample's last real prompt position and
+    every answer one."""
+    if memo.response_rows is None:
+        answer = positions.modality_ids == int(Modality.ANSWER)
+        prompt = positions.valid & ~answer
+        columns = torch.arange(answer.shape[1], device=answer.device).expand_as(answer)
+        last_prompt = torch.where(prompt, columns, -1).amax(dim=1, keepdim=True)
+        memo.response_rows = (columns == last_prompt) | (answer & positions.valid)
+    return memo.response_rows
+
+
+def _key_masks(
+    positions: ForwardPositions, batch: int, q_len: int, k_len: int, all_rows: bool, record: bool,
+    gated: Tensor | None,
+) -> _KeyMasks:
+    memo = positions.memos.get(_ForwardMemo)
+    key = (all_rows, record, k_len)
+    if key in memo.key_masks:
+        return memo.key_masks[key]
+    total = positions.past_length + positions.new_length
+    if positions.batch_size != batch or positions.new_length != q_len or total > k_len:
         raise ValueError(
-            f"Attention reallocation expected {state.new_length} query rows over {total} positions for batch "
-            f"{state.batch_size}, got an attention call with batch {batch}, {q_len} queries and {k_len} keys "
+            f"Attention reallocation expected {positions.new_length} query rows over {total} positions for batch "
+            f"{positions.batch_size}, got an attention call with batch {batch}, {q_len} queries and {k_len} keys "
             "(sliding-window caches and attention over other sequences are not supported)."
         )
     pad = k_len - total
-    ids = nn.functional.pad(state.modality_ids, (0, pad), value=int(Modality.TEXT))
-    valid = nn.functional.pad(state.valid, (0, pad), value=False)
+    ids = nn.functional.pad(positions.modality_ids, (0, pad), value=int(Modality.TEXT))
+    valid = nn.functional.pad(positions.valid, (0, pad), value=False)
     visual = valid & (ids == int(Modality.VISUAL))
     audio = valid & (ids == int(Modality.AUDIO))
-    selected = state.valid if rows == "all" else state.response_rows
+    selected = positions.valid if all_rows else _response_rows(positions, memo)
     if gated is not None:
         selected = selected & gated[:, None]
-    recorded = _select_rows(state.new(state.response_rows)) if record else None
-    layout = _Layout(
+    recorded = _select_rows(positions.new(_response_rows(positions, memo))) if record else None
+    masks = memo.key_masks[key] = _KeyMasks(
         modality_ids=ids,
         valid=valid,
         visual=visual,
         audio=audio,
-        masks=_stack_masks(visual, audio),
+        stacked=stack_masks(visual, audio),
         gated=gated,
-        rows=_select_rows(state.new(selected)),
+        rows=_select_rows(positions.new(selected)),
         recorded=recorded,
-        recorded_positions=None if recorded is None else state.past_length + _row_positions(recorded, q_len),
+        recorded_positions=None if recorded is None else positions.past_length + _row_positions(recorded, q_len),
     )
-    state.attention_layouts[key] = layout
-    return layout
+    return masks
 
 
 def _gather_rows(tensor: Tensor, rows: _Rows) -> Tensor:
@@ -227,27 +314,6 @@ def _row_logits(
     return scores, torch.where(allowed, scores.new_zeros(()), -math.inf)
 
 
-def _new_weights(settings: ReallocationSettings, scores: Tensor, bias: Tensor | None, weights: Tensor,
-                 layout: _Layout) -> Tensor:
-    """The rows' weights (float32 or float64) under ``settings``' strategy (``weights`` itself when AR changes
-    nothing; that is checked only on CPU, where it is cheaper than the work it saves, while on GPUs it would sync every
-    layer)."""
-    if settings.strategy == "ar":
-        check = weights.device.type == "cpu"
-        visual_mass, audio_mass = _modality_mass(weights, layout.masks)
-        c = _totals(visual_mass, audio_mass)[2]
-        if check and not bool((c > settings.tau).any()):
-            return weights
-        plan = _plan(visual_mass, audio_mass, c, settings.tau, layout.gated)
-        if check and not bool(plan.biased.any()):
-            return weights
-        return weights + _reallocation_delta(weights, layout.masks, plan)
-    if settings.pai_mode == "weights":
-        return amplify_visual_weights(weights, layout.visual, settings.alpha)
-    boosted = amplify_visual_logits(scores, layout.visual, settings.alpha)
-    return torch.softmax(boosted if bias is None else boosted + bias, dim=-1)
-
-
 def _row_weights(module: nn.Module, query: Tensor, key: Tensor, mask: Tensor | None, scaling: float | None,
                  rows: _Rows, kwargs: dict) -> tuple[Tensor, Tensor | None, Tensor]:
     scores, bias = _row_logits(module, query, key, mask, scaling, rows, kwargs.get("is_causal"))
@@ -275,29 +341,29 @@ def _attend(
     not run at all."""
     base_function = _base_function(base, module)
     settings, context = active.settings, active.scope.current()
-    state = None if context is None else context.step
-    apply = module.layer_idx in settings.layers and (settings.tau != math.inf or settings.strategy != "ar")
+    positions = None if context is None else context.forward
+    apply = module.layer_idx in settings.layers and active.rule.changes_attention
     record = active.diagnostics is not None
-    if state is None or not (apply or record):
+    if positions is None or not (apply or record):
         return base_function(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
     if dropout > 0:
         raise ValueError("Attention reallocation is an inference-time method; call model.eval() (dropout > 0).")
-    gated = _gated(settings, context, state)
-    layout = _layout(state, query.shape[0], query.shape[2], key.shape[2], settings.rows, record, gated)
+    gated = _gated(settings, context, positions)
+    keys = _key_masks(positions, query.shape[0], query.shape[2], key.shape[2], settings.rows == "all", record, gated)
 
-    if record and layout.recorded is not None:
-        scores, bias, before = _row_weights(module, query, key, mask, scaling, layout.recorded, kwargs)
-        after = _new_weights(settings, scores, bias, before, layout) if apply else before
+    if record and keys.recorded is not None:
+        scores, bias, before = _row_weights(module, query, key, mask, scaling, keys.recorded, kwargs)
+        after = active.rule(scores, bias, before, keys) if apply else before
         active.diagnostics.record(
-            module.layer_idx, before, after, layout.recorded_positions, layout.recorded.ok, layout.visual,
-            layout.audio, layout.modality_ids, layout.valid,
+            module.layer_idx, before, after, keys.recorded_positions, keys.recorded.ok, keys.visual,
+            keys.audio, keys.modality_ids, keys.valid,
         )
 
-    rows = layout.rows
+    rows = keys.rows
     if not apply or rows is None:
         return base_function(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
     scores, bias, weights = _row_weights(module, query, key, mask, scaling, rows, kwargs)
-    new = _new_weights(settings, scores, bias, weights, layout)
+    new = active.rule(scores, bias, weights, keys)
     batch, heads, r, k_len = new.shape
     kv_heads, dim = value.shape[1], value.shape[-1]
     new_weights = new.to(value.dtype)
@@ -311,17 +377,17 @@ def _attend(
     return output, weights_out
 
 
-def _gated(settings: ReallocationSettings, context: ModalityContext, state: StepLayout) -> Tensor | None:
-    """The call's conflict flags ``[batch]`` on the step's device, or ``None`` without a gate."""
+def _gated(settings: ReallocationSettings, context: ModalityContext, positions: ForwardPositions) -> Tensor | None:
+    """The call's conflict flags ``[batch]`` on the forward's device, or ``None`` without a gate."""
     if settings.gate is None:
         return None
-    decisions = context.gate_decisions
-    if decisions is None or decisions.conflict.shape[0] != state.batch_size:
+    decisions = context.memos.get(_CallGate).decisions
+    if decisions is None or decisions.conflict.shape[0] != positions.batch_size:
         raise ValueError(
             "The conflict gate has no decision for this forward's samples: it decides at the first forward of each "
             "call made inside the block (a model call or generate), with the batch that call starts with."
         )
-    return decisions.conflict.to(state.valid.device)
+    return decisions.conflict.to(positions.valid.device)
 
 
 def _gate_call_start(active: _Active, probe: nn.Module) -> Callable[[ModalityContext, tuple, dict], None]:
@@ -329,16 +395,16 @@ def _gate_call_start(active: _Active, probe: nn.Module) -> Callable[[ModalityCon
     is the block in force on the module ``probe``), with AR off, and stores its decisions in the call's context."""
 
     def start(context: ModalityContext, args: tuple, kwargs: dict) -> None:
-        if _SUSPENDED.get() or _ACTIVE.get(probe) is not active or context.step is None:
+        if _SUSPENDED.get() or _ACTIVE.get(probe) is not active or context.forward is None:
             return
-        inputs = gate_inputs(active.target, context.step, args, kwargs)
+        inputs = gate_inputs(active.target, context.forward, args, kwargs)
         token = _SUSPENDED.set(True)
         try:
-            with torch.no_grad(), active.scope.side_call(inputs.modality_ids):
+            with torch.no_grad(), active.scope.layer_call(inputs.modality_ids):
                 decisions = active.settings.gate(inputs)
         finally:
             _SUSPENDED.reset(token)
-        context.gate_decisions = check_decisions(decisions, context.step.batch_size)
+        context.memos.get(_CallGate).decisions = check_decisions(decisions, context.forward.batch_size)
         active.gate_decisions.append(decisions)
 
     return start
@@ -407,6 +473,52 @@ def _attention_modules(target: nn.Module) -> dict[nn.Module, int]:
     return modules
 
 
+@contextlib.contextmanager
+def _plain_model_calls(scope: ContextScope, model: nn.Module, modality_ids: Tensor) -> Iterator[None]:
+    """Inside the block, every outermost forward and every ``generate`` of ``model`` (a plain transformers model,
+    which cannot take the ids itself) is one call of ``scope`` whose prompt ``modality_ids`` describe. ``generate`` is
+    wrapped by an instance attribute for the block; hooks and wrapper are removed on exit."""
+    opened: list[contextlib.ExitStack | None] = []  # per forward of `model` in progress: the call it opened
+
+    def pre_forward(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if scope.open_context() is not None:
+            opened.append(None)
+            return
+        stack = contextlib.ExitStack()
+        opened.append(stack)
+        stack.enter_context(scope.call(model, modality_ids, CallKind.PROMPT, starting=(args, kwargs)))
+
+    def post_forward(module: nn.Module, args: tuple, output: Any) -> None:
+        stack = opened.pop() if opened else None
+        if stack is not None:
+            stack.close()
+
+    generate = model.generate
+    had_attribute = "generate" in model.__dict__
+
+    def generate_in_context(*args: Any, **kwargs: Any) -> Any:
+        with scope.call(model, modality_ids, CallKind.GENERATE) as context:
+            check_prompt(context, args, kwargs)
+            return generate(*args, **kwargs)
+
+    pre = model.register_forward_pre_hook(pre_forward, with_kwargs=True)
+    post = model.register_forward_hook(post_forward, always_call=True)
+    model.generate = generate_in_context
+    try:
+        yield
+    finally:
+        pre.remove()
+        post.remove()
+        if had_attribute:
+            model.generate = generate
+        else:
+            del model.generate
+        while opened:
+            stack = opened.pop()
+            if stack is not None:
+                stack.close()
+
+
 def _check_layers(layers: Iterable[int] | None, num_layers: int) -> frozenset[int]:
     if layers is None:
         return frozenset(range(num_layers))
@@ -435,7 +547,7 @@ def _choice(value: str, options: tuple[str, ...], name: str) -> str:
 
 
 def _check_gate(
-    gate: str | ConflictDetector | None, labels: Iterable[int] | None, threshold: float | None, strategy: str,
+    gate: str | ConflictDetector | None, labels: Iterable[int] | None, threshold: float | None, strategy: Strategy,
     target: nn.Module,
 ) -> ConflictDetector | None:
     """The detector for ``gate`` (``None``, ``"conflict"`` or a callable), its options checked."""
@@ -454,9 +566,9 @@ def _check_gate(
         vocab_size = output.weight.shape[0] if output is not None else None
         threshold = DEFAULT_GATE_THRESHOLD if threshold is None else threshold
         gate = LabelConflictDetector(check_gate_labels(labels, vocab_size), threshold)
-    if strategy != "ar":
+    if strategy is not Strategy.AR:
         raise ValueError(
-            f"A gate is for strategy='ar' only, got strategy={strategy!r}: PAI is kept as the paper's ungated "
+            f"A gate is for strategy='ar' only, got strategy={strategy.value!r}: PAI is kept as the paper's ungated "
             "baseline (Table 7), which intervenes on every sample."
         )
     return gate
@@ -468,11 +580,11 @@ def attention_reallocation(
     modality_ids: Tensor | None = None,
     *,
     tau: float = 1.0,
-    strategy: str = "ar",
+    strategy: Strategy | str = Strategy.AR,
     layers: Iterable[int] | None = None,
     rows: str = "response",
     alpha: float = 0.5,
-    pai_mode: str = "logits",
+    pai_mode: PaiMode | str = PaiMode.LOGITS,
     record: bool = False,
     gate: str | ConflictDetector | None = None,
     gate_labels: Iterable[int] | None = None,
@@ -497,11 +609,16 @@ def attention_reallocation(
     target = _transformers_model(model)
     modules = _attention_modules(target)
     num_layers = max(modules.values()) + 1
+    strategy = Strategy.parse(strategy)
+    if strategy is Strategy.NONE:
+        raise ValueError("strategy='none' changes no attention: call the model outside attention_reallocation.")
+    if strategy is Strategy.AR_GATE:  # AR with the conflict gate
+        strategy, gate = Strategy.AR, "conflict" if gate is None else gate
     settings = ReallocationSettings(
-        strategy=_choice(strategy, STRATEGIES, "strategy"),
+        strategy=strategy,
         tau=check_tau(tau),
         alpha=check_alpha(alpha),
-        pai_mode=_choice(pai_mode, PAI_MODES, "pai_mode"),
+        pai_mode=PaiMode.parse(pai_mode),
         rows=_choice(rows, ROW_MODES, "rows"),
         layers=_check_layers(layers, num_layers),
         gate=_check_gate(gate, gate_labels, gate_threshold, strategy, target),
@@ -520,7 +637,7 @@ def attention_reallocation(
             )
         validate_modality_ids(modality_ids)
         scope = ContextScope()
-    previous = target.config._attn_implementation
+    previous = attn_implementation(target)
     base = previous.removeprefix(PREFIX)
     if base not in BASE_IMPLEMENTATIONS:
         raise ValueError(
@@ -535,21 +652,21 @@ def attention_reallocation(
     diagnostics = ReallocationDiagnostics(settings=described) if record else None
     saved = {module: _ACTIVE.get(module) for module in modules}
     result = AttentionReallocation(settings=settings, diagnostics=diagnostics)
-    active = _Active(settings, scope, diagnostics, target, result.gate_decisions)
+    active = _Active(settings, _rule(settings), scope, diagnostics, target, result.gate_decisions)
     try:
         for module in modules:
             _ACTIVE[module] = active
         target.set_attn_implementation(PREFIX + base)
-        if target.config._attn_implementation != PREFIX + base:
+        if attn_implementation(target) != PREFIX + base:
             raise ValueError(f"{type(target).__name__} cannot switch its attention implementation at run time.")
-        calls = scope.calls_of(target, modality_ids) if modality_ids is not None else contextlib.nullcontext()
+        calls = _plain_model_calls(scope, target, modality_ids) if modality_ids is not None else contextlib.nullcontext()
         probes = contextlib.nullcontext()
         if settings.gate is not None:
             probes = scope.on_call_start(_gate_call_start(active, next(iter(modules))))
         with calls, probes:
             yield result
     finally:
-        if target.config._attn_implementation != previous:
+        if attn_implementation(target) != previous:
             target.set_attn_implementation(previous)
         for module, entry in saved.items():
             if entry is None:

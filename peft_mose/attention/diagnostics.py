@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ..modality import Modality
+from .json_data import to_plain
 from .functional import compute_dtype, layer_ratio, modality_mass, unimodal_attention_proportion
 
 if TYPE_CHECKING:
@@ -74,10 +75,10 @@ class StepDiagnostics:
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly copy: nested lists, NaN as ``None``."""
         return {
-            "modality_ids": _plain(self.modality_ids),
-            "valid": _plain(self.valid),
+            "modality_ids": to_plain(self.modality_ids),
+            "valid": to_plain(self.valid),
             "layers": [
-                {f.name: _plain(getattr(self.layers[i], f.name)) for f in fields(LayerDiagnostics)}
+                {f.name: to_plain(getattr(self.layers[i], f.name)) for f in fields(LayerDiagnostics)}
                 for i in sorted(self.layers)
             ],
         }
@@ -176,9 +177,9 @@ class ReallocationDiagnostics:
         ``layers`` are step 0's; ``steps`` lists every recorded step."""
         first = self.steps[0].to_dict() if 0 in self.steps else {"modality_ids": None, "valid": None, "layers": []}
         return {
-            "settings": _plain(self.settings),
+            "settings": to_plain(self.settings),
             **first,
-            "generated": _plain(self.generated),
+            "generated": to_plain(self.generated),
             "gate_decisions": [decisions.to_dict() for decisions in self.gate_decisions],
             "steps": [{"step": s, **self.steps[s].to_dict()} for s in sorted(self.steps)],
         }
@@ -186,7 +187,7 @@ class ReallocationDiagnostics:
     def save_json(self, path: str | Path, **extra: Any) -> Path:
         """Write :meth:`to_dict` (plus the top-level entries ``extra``, e.g. which steps a plot shows) to ``path``."""
         path = Path(path)
-        path.write_text(json.dumps({**self.to_dict(), **_plain(extra)}, indent=1))
+        path.write_text(json.dumps({**self.to_dict(), **to_plain(extra)}, indent=1))
         return path
 
 
@@ -217,16 +218,3 @@ def _layer_statistics(
         token_weights=per_sample(before.mean(1)),
         token_weights_after=per_sample(after.mean(1)),
     )
-
-
-def _plain(value: Any) -> Any:
-    """``value`` as JSON-friendly data: tensors as nested lists, NaN as ``None``, infinities as strings."""
-    if isinstance(value, Tensor):
-        return _plain(value.tolist())
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, float) and not math.isfinite(value):
-        return None if math.isnan(value) else str(value)
-    return value

@@ -81,20 +81,22 @@ def check_attention_inputs(attn: Tensor, visual_mask: Tensor, audio_mask: Tensor
         raise ValueError("`visual_mask` and `audio_mask` overlap: a token cannot be both visual and audio.")
 
 
-def _stack_masks(visual_mask: Tensor, audio_mask: Tensor) -> Tensor:
+def stack_masks(visual_mask: Tensor, audio_mask: Tensor) -> Tensor:
     """The two masks as float32 columns ``[batch, k_len, 2]``: one batched matmul then sums or spreads per modality
     (cast to float64 by the functions below for float64 weights)."""
     return torch.stack((visual_mask, audio_mask), dim=-1).to(torch.float32)
 
 
-def _modality_mass(attn_weights: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
+def stacked_modality_mass(attn_weights: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`modality_mass` with the masks already stacked (:func:`stack_masks`), unchecked: the backend's path."""
     batch, heads, q_len, k_len = attn_weights.shape
     weights = attn_weights.to(compute_dtype(attn_weights.dtype))
     mass = (weights.reshape(batch, heads * q_len, k_len) @ masks.to(weights.dtype)).view(batch, heads, q_len, 2)
     return mass[..., 0], mass[..., 1]
 
 
-def _reallocation_delta(attn_weights: Tensor, masks: Tensor, plan: ARPlan) -> Tensor:
+def stacked_reallocation_delta(attn_weights: Tensor, masks: Tensor, plan: ARPlan) -> Tensor:
+    """:func:`reallocation_delta` with the masks already stacked (:func:`stack_masks`), unchecked."""
     batch, heads, q_len, k_len = attn_weights.shape
     change = plan.change.view(batch, heads * q_len, 2)
     per_key = (change @ masks.to(change.dtype).transpose(1, 2)).view(batch, heads, q_len, k_len)
@@ -105,10 +107,10 @@ def modality_mass(attn_weights: Tensor, visual_mask: Tensor, audio_mask: Tensor)
     """S_h(ω, V) and S_h(ω, A): each head's total weight on visual and on audio tokens (:func:`compute_dtype`,
     ``[batch, heads, q_len]`` each)."""
     check_attention_inputs(attn_weights, visual_mask, audio_mask, "attn_weights")
-    return _modality_mass(attn_weights, _stack_masks(visual_mask, audio_mask))
+    return stacked_modality_mass(attn_weights, stack_masks(visual_mask, audio_mask))
 
 
-def _totals(visual_mass: Tensor, audio_mass: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def modality_totals(visual_mass: Tensor, audio_mass: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Σ_h S_h(ω, V), Σ_h S_h(ω, A) and their ratio c (Eq. 6) as IEEE division gives it (inf, 0 or NaN without mass)."""
     total_v = visual_mass.sum(1, keepdim=True)
     total_a = audio_mass.sum(1, keepdim=True)
@@ -117,13 +119,13 @@ def _totals(visual_mass: Tensor, audio_mass: Tensor) -> tuple[Tensor, Tensor, Te
 
 def layer_ratio(visual_mass: Tensor, audio_mass: Tensor) -> Tensor:
     """c(ω) of Eq. 6 from per-head masses, ``[batch, 1, q_len]``; NaN where either modality has no mass."""
-    total_v, total_a, ratio = _totals(visual_mass, audio_mass)
+    total_v, total_a, ratio = modality_totals(visual_mass, audio_mass)
     return torch.where((total_v > 0) & (total_a > 0), ratio, math.nan)
 
 
-def plan_reallocation(visual_mass: Tensor, audio_mass: Tensor, tau: float) -> ARPlan:
+def plan_reallocation(visual_mass: Tensor, audio_mass: Tensor, tau: float, samples: Tensor | None = None) -> ARPlan:
     """Eq. 5-7 and 12-14 from the per-head masses S_h(ω, V), S_h(ω, A) (``[batch, heads, q_len]``, float32 or
-    float64).
+    float64); ``samples`` (bool ``[batch]``, the conflict gate's flags) limits H_bias to those samples.
 
     c_h > c is tested as S_A,h > c S_V,h, which needs no division by a head's (possibly zero) visual mass. Rows
     without audio mass (c = 0), without visual mass (c = inf, and no head reaches the minimum visual mass) or without
@@ -131,11 +133,7 @@ def plan_reallocation(visual_mass: Tensor, audio_mass: Tensor, tau: float) -> AR
     dtype are left alone: Eq. 13 would need a factor that overflows, and there is no visual distribution to scale
     (Eq. 11) anyway.
     """
-    return _plan(visual_mass, audio_mass, _totals(visual_mass, audio_mass)[2], check_tau(tau))
-
-
-def _plan(visual_mass: Tensor, audio_mass: Tensor, c: Tensor, tau: float, samples: Tensor | None = None) -> ARPlan:
-    """:func:`plan_reallocation`; ``samples`` (bool ``[batch]``, the conflict gate's flags) limits H_bias to them."""
+    tau, c = check_tau(tau), modality_totals(visual_mass, audio_mass)[2]
     audio_if_balanced = c * visual_mass
     biased = (c > tau) & (visual_mass >= torch.finfo(visual_mass.dtype).tiny) & (audio_mass > audio_if_balanced)
     if samples is not None:
@@ -151,7 +149,7 @@ def reallocation_delta(attn_weights: Tensor, visual_mask: Tensor, audio_mask: Te
     Scaling every weight of a modality by one factor is what Eq. 10-11 ask for (intra-modality proportions kept).
     """
     check_attention_inputs(attn_weights, visual_mask, audio_mask, "attn_weights")
-    return _reallocation_delta(attn_weights, _stack_masks(visual_mask, audio_mask), plan)
+    return stacked_reallocation_delta(attn_weights, stack_masks(visual_mask, audio_mask), plan)
 
 
 def reallocate_attention(
@@ -166,9 +164,9 @@ def reallocate_attention(
     """
     check_attention_inputs(attn_weights, visual_mask, audio_mask, "attn_weights")
     tau = check_tau(tau)
-    masks = _stack_masks(visual_mask, audio_mask)
-    plan = plan_reallocation(*_modality_mass(attn_weights, masks), tau)
-    delta = _reallocation_delta(attn_weights, masks, plan)
+    masks = stack_masks(visual_mask, audio_mask)
+    plan = plan_reallocation(*stacked_modality_mass(attn_weights, masks), tau)
+    delta = stacked_reallocation_delta(attn_weights, masks, plan)
     return (attn_weights.to(delta.dtype) + delta).to(attn_weights.dtype)
 
 

@@ -24,9 +24,9 @@ import torch
 from torch import Tensor, nn
 
 from .._compat.transformers import call_input
-from ..context import StepLayout
+from ..context import ForwardPositions
 from ..modality import Modality
-from .diagnostics import _plain
+from .json_data import to_plain
 
 DEFAULT_GATE_THRESHOLD = 0.05
 """Jensen-Shannon divergence (nats, in [0, ln 2]) above which two label distributions disagree; why this value:
@@ -74,16 +74,16 @@ class GateInputs:
         return self.response_logits(self.valid & (self.modality_ids != int(modality)))
 
 
-def gate_inputs(model: nn.Module, step: StepLayout, args: tuple, kwargs: dict) -> GateInputs:
-    """The :class:`GateInputs` of a call from its first forward's arguments and layout ``step``; ``ValueError`` for a
+def gate_inputs(model: nn.Module, positions: ForwardPositions, args: tuple, kwargs: dict) -> GateInputs:
+    """The :class:`GateInputs` of a call from its first forward's arguments and ``positions``; ``ValueError`` for a
     forward that continues a cache (its prompt ran in an earlier call)."""
-    if not step.prefill:
+    if not positions.prefill:
         raise ValueError(
-            f"The conflict gate decides at a call's prompt, but this call continues a KV cache ({step.past_length} "
+            f"The conflict gate decides at a call's prompt, but this call continues a KV cache ({positions.past_length} "
             "cached positions) filled by an earlier call. Run prompt and continuation in one generate, or pass the "
             "whole sequence without a cache."
         )
-    ids, valid = step.modality_ids, step.valid
+    ids, valid = positions.modality_ids, positions.valid
     given = kwargs.get("position_ids")
     positions = given if isinstance(given, Tensor) and given.shape == ids.shape else (valid.cumsum(1) - 1).clamp_min(0)
     columns = torch.arange(ids.shape[1], device=ids.device)
@@ -116,7 +116,7 @@ class GateDecisions:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly copy: nested lists, NaN as ``None``."""
-        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
+        return {f.name: to_plain(getattr(self, f.name)) for f in fields(self)}
 
 
 class ConflictDetector(Protocol):
