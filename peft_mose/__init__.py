@@ -12,11 +12,12 @@ check_supported_versions()  # first: out of range, PEFT's private hooks would fa
 
 from ._registration import register as _register
 from .config import MoSEConfig, MoSEPeftType
-from .context import ForwardPositions, ModalityContext
+from .context import ModalityContext
 from .experts import EXPERTS
 from .layer import MoSELayer, MoSELinear
 from .layout import IGNORE_INDEX, SegmentRow, collate_rows, encode_segments, insert_embeddings, prompt_only
 from .modality import Modality, modality_ids_from_segments, validate_modality_ids
+from .positions import CallKind, ForwardPositions
 from .model import MoSEModel, is_mose_model
 
 _register()
@@ -51,6 +52,7 @@ __all__ = [
     "unimodal_attention_proportion",
     "IGNORE_INDEX",
     "Modality",
+    "CallKind",
     "ForwardPositions",
     "ModalityContext",
     "MoSEConfig",

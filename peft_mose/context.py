@@ -15,80 +15,23 @@ keyed by the cache object): a hand-written decode loop that passes the cache bac
 from __future__ import annotations
 
 import contextlib
-import enum
 import weakref
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ._compat.torch import in_backward
 from ._compat.transformers import cached_length, call_cache, call_input, output_cache
-from .modality import Modality, check_modality_shape, validate_modality_ids
+from .memos import CallMemo, Memos
+from .modality import check_modality_shape, validate_modality_ids
+from .positions import CallKind, ForwardPositions, forward_positions
 
 AdapterKey = tuple[str, str]
 """``(layer name, adapter name)``: where a router weight or routing statistic belongs."""
-
-M = TypeVar("M")
-
-
-class CallKind(enum.Enum):
-    """What the ``modality_ids`` of a call describe."""
-
-    FORWARD = "forward"
-    """One forward: every position it attends to, cached ones included."""
-    GENERATE = "generate"
-    """One whole ``generate``: its prompt. Later positions are generated (``Modality.ANSWER``), the batch may be a
-    multiple of the ids' (beams, ``num_return_sequences``), and forwards without a cache may cover generated tokens."""
-    PROMPT = "prompt"
-    """One forward of a plain model under attention reallocation: its prompt, which a forward without a cache is
-    exactly and a forward with a cache continues."""
-
-
-class Memos:
-    """What the readers of one call or one forward computed once, keyed by type: each reader owns its memo types
-    (MoSE's in :mod:`peft_mose.layer`, AR's in :mod:`peft_mose.attention`) and reads no other."""
-
-    __slots__ = ("_items",)
-
-    def __init__(self, items: dict[type, Any] | None = None) -> None:
-        self._items = {} if items is None else items
-
-    def get(self, kind: type[M]) -> M:
-        """The memo of type ``kind``, created empty (``kind()``) on first use."""
-        item = self._items.get(kind)
-        if item is None:
-            item = self._items[kind] = kind()
-        return item
-
-    def find(self, kind: type[M]) -> M | None:
-        """The memo of type ``kind`` if one was made."""
-        return self._items.get(kind)
-
-    def derived(self, derive: Callable[[CallMemo], CallMemo | None]) -> dict[type, CallMemo]:
-        """``derive(memo)`` of each per-call memo, where it gives one."""
-        made = ((kind, derive(memo)) for kind, memo in self._items.items() if isinstance(memo, CallMemo))
-        return {kind: memo for kind, memo in made if memo is not None}
-
-    def seed(self, memos: dict[type, CallMemo]) -> None:
-        """Start from the carried ``memos`` of a cache's prompt, except where a memo of the type exists already."""
-        for kind, memo in memos.items():
-            if kind not in self._items:
-                self._items[kind] = memo.carried()
-
-
-class CallMemo:
-    """A per-call memo; it outlives its call only as :meth:`carried` into the record of the KV cache the call filled
-    (a later call that continues the cache starts from it) and as :meth:`closed` (the last call's statistics)."""
-
-    def carried(self) -> CallMemo | None:
-        return None
-
-    def closed(self) -> CallMemo | None:
-        return None
 
 
 @dataclass(frozen=True)
@@ -98,36 +41,6 @@ class PromptRecord:
 
     modality_ids: Tensor | None
     memos: dict[type, CallMemo]
-
-
-@dataclass(eq=False)
-class ForwardPositions:
-    """The positions of one forward of the transformers model inside a call.
-
-    ``modality_ids`` and ``valid`` cover every position the forward attends to (cached ones included):
-    ``[batch, past_length + new_length]``; :meth:`new` slices out the positions it computes.
-    """
-
-    modality_ids: Tensor
-    valid: Tensor
-    past_length: int
-    new_length: int
-    uniform: Modality | None = None
-    """The modality of every new position when the call's structure says so (a decode step past the prompt:
-    ``ANSWER``), so that no layer reads the ids to find out."""
-    memos: Memos = field(default_factory=Memos, repr=False)
-
-    @property
-    def prefill(self) -> bool:
-        return self.past_length == 0
-
-    @property
-    def batch_size(self) -> int:
-        return self.modality_ids.shape[0]
-
-    def new(self, tensor: Tensor) -> Tensor:
-        """The positions computed by this forward (``[:, past_length:]``) of a ``[batch, total]`` tensor."""
-        return tensor[:, self.past_length :]
 
 
 @dataclass(eq=False)
@@ -315,9 +228,11 @@ class ContextScope:
             context.continued = record
         if record is not None:
             context.memos.seed(record.memos)
-        ids, uniform = _full_ids(context, record, batch, past, new, inputs.device)
-        valid = _valid_positions(kwargs.get("attention_mask"), batch, past + new, inputs.device)
-        return ForwardPositions(ids, valid, past, new, uniform)
+        cached_prompt = None if record is None else record.modality_ids
+        return forward_positions(
+            context.modality_ids, context.kind, cached_prompt, batch, new=new, past=past,
+            attention_mask=kwargs.get("attention_mask"), device=inputs.device,
+        )
 
 
 def check_prompt(context: ModalityContext, args: tuple, kwargs: dict) -> None:
@@ -331,43 +246,3 @@ def check_prompt(context: ModalityContext, args: tuple, kwargs: dict) -> None:
     check_modality_shape(context.modality_ids, batch=inputs.shape[0], length=inputs.shape[1])
 
 
-def _full_ids(
-    context: ModalityContext, record: PromptRecord | None, batch: int, past: int, new: int, device: torch.device
-) -> tuple[Tensor, Modality | None]:
-    """Modality ids of every position of a forward (``[batch, past + new]``), checked against its shape, and the
-    modality of all new positions where it follows from the shape alone (new positions past the prompt)."""
-    total = past + new
-    ids, kind, source = context.modality_ids, context.kind, "`modality_ids`"
-    if ids is None and record is not None and record.modality_ids is not None:
-        ids, kind, source = record.modality_ids, CallKind.PROMPT, "the prompt that filled the cache"
-    if ids is None:
-        return torch.full((batch, total), int(Modality.TEXT), dtype=torch.long, device=device), Modality.TEXT
-    ids = ids.to(device=device, dtype=torch.long)
-    length = ids.shape[1]
-    if ids.shape[0] != batch:
-        if kind is CallKind.FORWARD or batch % ids.shape[0]:
-            raise ValueError(
-                f"{source} has batch size {ids.shape[0]} but the model was called with batch size {batch}."
-            )
-        ids = ids.repeat_interleave(batch // ids.shape[0], dim=0)
-    if length == total:
-        return ids, None
-    if kind is CallKind.FORWARD:
-        raise ValueError(
-            f"`modality_ids` has length {length} but the call covers {total} positions ({past} cached + {new} "
-            "new); pass one id per position, cached ones included."
-        )
-    if total < length or (past == 0 and kind is not CallKind.GENERATE):
-        raise ValueError(
-            f"{source} describes a prompt of {length} tokens but the model was called on {total} positions "
-            f"({past} cached + {new} new); pass the ids of this prompt."
-        )
-    answer = torch.full((batch, total - length), int(Modality.ANSWER), dtype=torch.long, device=device)
-    return torch.cat([ids, answer], dim=1), (Modality.ANSWER if past >= length else None)
-
-
-def _valid_positions(mask: Any, batch: int, total: int, device: torch.device) -> Tensor:
-    """Real (non-padding) positions from a 2-D attention mask; other masks carry no padding we can read."""
-    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape == (batch, total):
-        return mask.to(device=device) != 0
-    return torch.ones(batch, total, dtype=torch.bool, device=device)

@@ -14,7 +14,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import MoSEConfig
-from .context import AdapterKey, CallMemo, ContextScope, ForwardPositions, ModalityContext
+from .context import AdapterKey, ContextScope, ModalityContext
 from .experts import (
     EXPERTS,
     ONLY_EXPERT,
@@ -25,7 +25,9 @@ from .experts import (
     uniform_delta,
     uniform_weights,
 )
+from .memos import CallMemo
 from .modality import Modality
+from .positions import ForwardPositions
 from .router import ModalityRouter, pool_modalities, routing_weight
 
 MERGE_ERROR = (

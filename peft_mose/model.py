@@ -13,8 +13,9 @@ from torch import nn
 
 from ._compat.peft import adapter_tensors
 from .config import MoSEConfig
-from .context import CallKind, ContextScope, check_prompt
+from .context import ContextScope, check_prompt
 from .layer import MERGE_ERROR, MoSELayer, MoSELinear, RoutingMemo
+from .positions import CallKind
 
 
 class MoSEModel(BaseTuner):

@@ -20,6 +20,8 @@ RANKS = {
     "peft_mose.config": CORE,
     "peft_mose.router": CORE,
     "peft_mose.layout": CORE,
+    "peft_mose.memos": CORE,
+    "peft_mose.positions": CORE,
     "peft_mose.context": CORE,
     "peft_mose.experts": LAYERS,
     "peft_mose.layer": LAYERS,
@@ -151,8 +153,8 @@ def test_the_private_import_check_catches_a_planted_import(monkeypatch, tmp_path
 
 
 def test_the_cycle_check_catches_a_planted_cycle(monkeypatch, tmp_path):
-    planted = tmp_path / "context.py"
-    planted.write_text(MODULES["peft_mose.context"].read_text() + "\nfrom .attention.gate import GateDecisions\n")
-    monkeypatch.setitem(MODULES, "peft_mose.context", planted)
-    with pytest.raises(AssertionError, match="peft_mose.context -> peft_mose.attention.gate"):
+    planted = tmp_path / "positions.py"
+    planted.write_text(MODULES["peft_mose.positions"].read_text() + "\nfrom .attention.gate import GateDecisions\n")
+    monkeypatch.setitem(MODULES, "peft_mose.positions", planted)
+    with pytest.raises(AssertionError, match="peft_mose.positions -> peft_mose.attention.gate -> peft_mose.positions"):
         test_no_import_cycle()

@@ -15,7 +15,7 @@ from peft import get_peft_model
 from conftest import cache_of, layout, make_tiny_llama, random_tokens
 from peft_mose import Modality, MoSEConfig, MoSELayer
 from peft_mose.attention import attention_reallocation
-from peft_mose.context import CallKind, ForwardPositions, ModalityContext
+from peft_mose import CallKind, ForwardPositions, ModalityContext
 from peft_mose.layer import RoutingMemo
 
 CFG = dict(r=8, n_experts=2, eps=0.3, init_weights=False, lora_dropout=0.0)

@@ -31,9 +31,10 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .._compat.transformers import attn_implementation
-from ..context import CallKind, ContextScope, ForwardPositions, ModalityContext, check_prompt
+from ..context import ContextScope, ModalityContext, check_prompt
 from ..modality import Modality, validate_modality_ids
 from ..model import mose_tuner
+from ..positions import CallKind, ForwardPositions
 from .diagnostics import ReallocationDiagnostics
 from .gate import (
     DEFAULT_GATE_THRESHOLD,

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from .._compat.transformers import call_input
-from ..context import ForwardPositions
+from ..positions import ForwardPositions
 from ..modality import Modality
 from .json_data import to_plain
 
