@@ -28,6 +28,7 @@ from ._compat.torch import in_backward
 from ._compat.transformers import cached_length, call_cache, call_input, output_cache
 from .memos import CallMemo, Memos
 from .modality import check_modality_shape, validate_modality_ids
+from .modality_tokens import ModalityTokens
 from .positions import CallKind, ForwardPositions, forward_positions
 
 AdapterKey = tuple[str, str]
@@ -60,6 +61,8 @@ class ModalityContext:
     continued: PromptRecord | None = None
     """The record of the cache this call continues, if any."""
     memos: Memos = field(default_factory=Memos, repr=False)
+    tokens: ModalityTokens | None = None
+    """The model's placeholder tokens: with no ids given, the ids are read off the first forward's ``input_ids``."""
 
 
 CallStart = Callable[[ModalityContext, tuple, dict], None]
@@ -113,12 +116,14 @@ class ContextScope:
 
     @contextlib.contextmanager
     def call(
-        self, model: nn.Module, modality_ids: Tensor | None, kind: CallKind, starting: tuple[tuple, dict] | None = None
+        self, model: nn.Module, modality_ids: Tensor | None, kind: CallKind, starting: tuple[tuple, dict] | None = None,
+        tokens: ModalityTokens | None = None,
     ) -> Iterator[ModalityContext]:
         """One call of ``model`` (the transformers model whose forwards it covers), with hooks on ``model`` for
         exactly that call. Inside an open call it joins that one (a ``generate`` entered by PEFT's forward hook turns
         it into a generate call). ``starting``: the call opens inside a forward pre-hook of ``model``, whose
-        ``(args, kwargs)`` these are, so that forward is entered at once."""
+        ``(args, kwargs)`` these are, so that forward is entered at once. ``tokens``: the model's placeholder tokens,
+        which give the ids when the caller passes none (read off the call's first forward)."""
         context = self.open_context()
         if context is not None:
             if kind is CallKind.GENERATE:
@@ -127,7 +132,7 @@ class ContextScope:
             return
         if modality_ids is not None:
             validate_modality_ids(modality_ids)
-        context = ModalityContext(kind, modality_ids, needs_grad=torch.is_grad_enabled())
+        context = ModalityContext(kind, modality_ids, needs_grad=torch.is_grad_enabled(), tokens=tokens)
         with self._opened(context):
             pre = model.register_forward_pre_hook(self._pre_forward, with_kwargs=True, prepend=True)
             post = model.register_forward_hook(self._post_forward, prepend=True)
@@ -223,6 +228,8 @@ class ContextScope:
             )
         batch, new = inputs.shape[0], (inputs.shape[1] if inputs.dim() > 1 else 1)
         past = context.past_length
+        if context.modality_ids is None and context.tokens is not None and context.forward is None:
+            context.modality_ids = context.tokens.call_ids(inputs, kwargs, past)
         record = self._records.get(call_cache(kwargs)) if past else None
         if past and context.continued is None:
             context.continued = record

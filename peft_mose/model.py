@@ -15,7 +15,9 @@ from ._compat.peft import adapter_tensors
 from .config import MoSEConfig
 from .context import ContextScope, check_prompt
 from .layer import MERGE_ERROR, MoSELayer, MoSELinear, RoutingMemo
+from .modality_tokens import ModalityTokens
 from .positions import CallKind
+from .targets import check_targets, default_targets
 
 
 class MoSEModel(BaseTuner):
@@ -32,9 +34,25 @@ class MoSEModel(BaseTuner):
     tuner_layer_cls = MoSELayer
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
+    def _prepare_adapter_config(self, peft_config: MoSEConfig, model_config: dict) -> MoSEConfig:
+        return peft_config  # the targets are resolved in _prepare_model, which sees the model (targets.py)
+
+    def _prepare_model(self, peft_config: MoSEConfig, model: nn.Module) -> None:
+        """Resolve the default targets to the language model's layers (full names, after ``layers_to_transform`` and
+        ``exclude_modules``); refuse targets outside it."""
+        def matches(key: str) -> bool:
+            return bool(self._check_target_module_exists(peft_config, key))
+
+        default = default_targets(model, peft_config.target_modules)
+        if default is not None:
+            peft_config.target_modules, layers = default
+            peft_config.target_modules = {name for name in layers if matches(name)}
+        check_targets(model, matches, peft_config.target_modules)
+
     def _pre_injection_hook(self, model: nn.Module, config: MoSEConfig, adapter_name: str) -> None:
         if not hasattr(self, "scope"):
             self.scope = ContextScope()
+            self.modality_tokens = ModalityTokens.from_config(getattr(model, "config", None))
 
     def _create_and_replace(
         self,
@@ -60,19 +78,19 @@ class MoSEModel(BaseTuner):
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
         """Open the call's modality context: every ``PeftModel`` forward and ``generate`` enters here first (a
         ``generate`` then declares the call one, in :meth:`generate`)."""
-        with self.scope.call(self.model, kwargs.get("modality_ids"), CallKind.FORWARD):
+        with self.scope.call(self.model, kwargs.get("modality_ids"), CallKind.FORWARD, tokens=self.modality_tokens):
             yield
 
     def forward(self, *args: Any, modality_ids: torch.Tensor | None = None, **kwargs: Any):
         """The wrapped model's forward. ``modality_ids`` ``[batch, positions]`` cover every position the call
         attends to, cached ones included; with a cache returned by an earlier call they may be left out."""
-        with self.scope.call(self.model, modality_ids, CallKind.FORWARD):
+        with self.scope.call(self.model, modality_ids, CallKind.FORWARD, tokens=self.modality_tokens):
             return self.model(*args, **kwargs)
 
     def generate(self, *args: Any, modality_ids: torch.Tensor | None = None, **kwargs: Any):
         """``generate`` with ``modality_ids`` of the prompt (``[batch, prompt_len]``); generated tokens are answer
         tokens, and the router weight of the prompt (computed at prefill) is used at every step."""
-        with self.scope.call(self.model, modality_ids, CallKind.GENERATE) as context:
+        with self.scope.call(self.model, modality_ids, CallKind.GENERATE, tokens=self.modality_tokens) as context:
             check_prompt(context, args, kwargs)
             return self.model.generate(*args, **kwargs)
 

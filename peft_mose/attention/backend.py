@@ -33,6 +33,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from .._compat.transformers import attn_implementation
 from ..context import ContextScope, ModalityContext, check_prompt
 from ..modality import Modality, validate_modality_ids
+from ..modality_tokens import ModalityTokens
 from ..model import mose_tuner
 from ..positions import CallKind, ForwardPositions
 from .diagnostics import ReallocationDiagnostics
@@ -475,10 +476,13 @@ def _attention_modules(target: nn.Module) -> dict[nn.Module, int]:
 
 
 @contextlib.contextmanager
-def _plain_model_calls(scope: ContextScope, model: nn.Module, modality_ids: Tensor) -> Iterator[None]:
+def _plain_model_calls(
+    scope: ContextScope, model: nn.Module, modality_ids: Tensor | None, tokens: ModalityTokens | None
+) -> Iterator[None]:
     """Inside the block, every outermost forward and every ``generate`` of ``model`` (a plain transformers model,
-    which cannot take the ids itself) is one call of ``scope`` whose prompt ``modality_ids`` describe. ``generate`` is
-    wrapped by an instance attribute for the block; hooks and wrapper are removed on exit."""
+    which cannot take the ids itself) is one call of ``scope`` whose prompt ``modality_ids`` describe (``None``: read
+    off each call's ``input_ids`` by the model's placeholder ``tokens``). ``generate`` is wrapped by an instance
+    attribute for the block; hooks and wrapper are removed on exit."""
     opened: list[contextlib.ExitStack | None] = []  # per forward of `model` in progress: the call it opened
 
     def pre_forward(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -487,7 +491,7 @@ def _plain_model_calls(scope: ContextScope, model: nn.Module, modality_ids: Tens
             return
         stack = contextlib.ExitStack()
         opened.append(stack)
-        stack.enter_context(scope.call(model, modality_ids, CallKind.PROMPT, starting=(args, kwargs)))
+        stack.enter_context(scope.call(model, modality_ids, CallKind.PROMPT, starting=(args, kwargs), tokens=tokens))
 
     def post_forward(module: nn.Module, args: tuple, output: Any) -> None:
         stack = opened.pop() if opened else None
@@ -498,7 +502,7 @@ def _plain_model_calls(scope: ContextScope, model: nn.Module, modality_ids: Tens
     had_attribute = "generate" in model.__dict__
 
     def generate_in_context(*args: Any, **kwargs: Any) -> Any:
-        with scope.call(model, modality_ids, CallKind.GENERATE) as context:
+        with scope.call(model, modality_ids, CallKind.GENERATE, tokens=tokens) as context:
             check_prompt(context, args, kwargs)
             return generate(*args, **kwargs)
 
@@ -630,13 +634,17 @@ def attention_reallocation(
             "This is a MoSE model: pass `modality_ids` to its forward or generate call, not to attention_reallocation "
             "(they describe one call, and the model opens a context for each)."
         )
+    tokens = None
     if scope is None:
-        if modality_ids is None:
+        tokens = ModalityTokens.from_config(getattr(target, "config", None))
+        if modality_ids is None and tokens is None:
             raise ValueError(
-                "Attention reallocation on a model without MoSE needs `modality_ids` ([batch, prompt_len]) to know "
-                "which tokens are visual and audio: attention_reallocation(model, modality_ids=...)."
+                f"Attention reallocation on a model without MoSE needs `modality_ids` ([batch, prompt_len]) to know "
+                f"which tokens are visual and audio ({type(target).__name__} names no image/video/audio placeholder "
+                "tokens to read them from): attention_reallocation(model, modality_ids=...)."
             )
-        validate_modality_ids(modality_ids)
+        if modality_ids is not None:
+            validate_modality_ids(modality_ids)
         scope = ContextScope()
     previous = attn_implementation(target)
     base = previous.removeprefix(PREFIX)
@@ -660,7 +668,7 @@ def attention_reallocation(
         target.set_attn_implementation(PREFIX + base)
         if attn_implementation(target) != PREFIX + base:
             raise ValueError(f"{type(target).__name__} cannot switch its attention implementation at run time.")
-        calls = _plain_model_calls(scope, target, modality_ids) if modality_ids is not None else contextlib.nullcontext()
+        calls = contextlib.nullcontext() if _mose_scope(model) else _plain_model_calls(scope, target, modality_ids, tokens)
         probes = contextlib.nullcontext()
         if settings.gate is not None:
             probes = scope.on_call_start(_gate_call_start(active, next(iter(modules))))

@@ -1,0 +1,92 @@
+"""Which layers MoSE adapts: defaults per architecture, and the check that every target sees the token sequence.
+
+MoSE's experts are chosen by the modality of each token of the language model's sequence, so its targets are the
+language model's layers (and the output head, which reads the same sequence); a vision or audio encoder, or a
+projector, sees no such sequence. The default is the language model's attention query and value projections, fused
+where the model fuses them (``qkv_proj``, ``query_key_value``, ``c_attn``): what PEFT's LoRA defaults to and what the
+paper trains (Emotion-LLaMA's LoRA on ``q_proj``/``v_proj``). ``target_modules="all-linear"`` takes every linear layer
+of the language model instead (attention and MLP, fused ``gate_up_proj`` and MoE experts' shared ``nn.Linear``
+layers included). Both resolve to the full names of the chosen layers, filtered by ``layers_to_transform`` and
+``exclude_modules`` like a list of names.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+
+from peft.utils import INCLUDE_LINEAR_LAYERS_SHORTHAND
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+QUERY_VALUE = (("q_proj", "v_proj"), ("qkv_proj",), ("query_key_value",), ("c_attn",), ("Wqkv",))
+"""Attention's query and value projections, separate or fused, by the names transformers' text models use."""
+
+
+def language_model_prefix(model: nn.Module) -> str | None:
+    """The qualified name of ``model``'s language model decoder (``get_decoder()``; ``""`` if it is the model
+    itself), or ``None`` for a model that has none (then every layer is the user's choice)."""
+    get_decoder = getattr(model, "get_decoder", None)
+    decoder = get_decoder() if callable(get_decoder) else None
+    if not isinstance(decoder, nn.Module):
+        return None
+    return next((name for name, module in model.named_modules() if module is decoder), None)
+
+
+def default_targets(model: nn.Module, target_modules: str | Iterable[str] | None) -> tuple[set[str], list[str]] | None:
+    """For the default (``None``) and ``"all-linear"``: the layer names chosen (``{"q_proj", "v_proj"}``) and the
+    full names of the language model's linear layers to pick them from; ``None`` for any other choice (the user's
+    targets, checked by :func:`check_targets`)."""
+    is_all_linear = isinstance(target_modules, str) and target_modules.lower() == INCLUDE_LINEAR_LAYERS_SHORTHAND
+    if target_modules is not None and not is_all_linear:
+        return None
+    prefix = language_model_prefix(model)
+    if prefix is None:
+        raise ValueError(
+            f"MoSE has no default targets for {type(model).__name__}, which has no language model decoder "
+            "(`get_decoder()`): pass `target_modules`, the linear layers that process the token sequence."
+        )
+    layers = _linear_layers(model, prefix)
+    names = {name.rsplit(".", 1)[-1] for name in layers}
+    chosen = names if is_all_linear else next((set(group) for group in QUERY_VALUE if names.issuperset(group)), None)
+    if not chosen:
+        raise ValueError(
+            f"MoSE found no attention query/value projection ({', '.join('/'.join(g) for g in QUERY_VALUE)}) in the "
+            f"language model of {type(model).__name__} (its linear layers: {sorted(names)}): pass `target_modules`, "
+            "or target_modules='all-linear'."
+        )
+    return chosen, layers
+
+
+def check_targets(model: nn.Module, matches: Callable[[str], bool], target_modules: object) -> None:
+    """``ValueError`` naming the module if ``matches`` (the tuner's target check) picks a layer outside the language
+    model and its output head of a model that has one (an encoder or projector: it sees no token sequence)."""
+    prefix = language_model_prefix(model)
+    if not prefix:
+        return
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    outside = [
+        name for name, module in model.named_modules()
+        if name and not _inside(name, prefix) and module is not head and matches(name)
+    ]
+    if outside:
+        wanted = sorted({name.rsplit(".", 1)[-1] for name in outside})
+        regex = rf"^{re.escape(prefix)}\..*\.({'|'.join(wanted)})$"
+        raise ValueError(
+            f"MoSE target_modules={target_modules!r} match {len(outside)} layer(s) outside the language model of "
+            f"{type(model).__name__}, e.g. '{outside[0]}': MoSE routes the tokens of the language model's sequence, "
+            f"which an encoder or projector does not see. Target the language model (`{prefix}`) instead, e.g. "
+            f"target_modules=r'{regex}', or leave target_modules unset for the default (its attention q/v)."
+        )
+
+
+def _inside(name: str, prefix: str) -> bool:
+    return not prefix or name == prefix or name.startswith(prefix + ".")
+
+
+def _linear_layers(model: nn.Module, prefix: str) -> list[str]:
+    """Full names of the linear and ``Conv1D`` layers of the language model at ``prefix``."""
+    return [
+        name for name, module in model.named_modules()
+        if name != prefix and _inside(name, prefix) and isinstance(module, (nn.Linear, Conv1D))
+    ]
