@@ -26,7 +26,7 @@ from .merr.synthetic import FILES as SYNTHETIC_FILES
 from .merr.tasks import TASKS
 from .model_choice import ModelChoice, Reallocation, check_exists, parse_strategies
 from .plots import SUBSET_TITLES, plot_scores
-from .run_config import RUN_CONFIG, RunConfig
+from .run_config import RunConfig
 from .scoring import (
     Reference,
     ScoringConfig,

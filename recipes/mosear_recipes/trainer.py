@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-
-import torch
-from torch.optim.lr_scheduler import LambdaLR, LRScheduler
-from torch.utils.data import DataLoader
 from typing import Any
 
+import torch
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler
+from torch.utils.data import DataLoader
 from transformers import (
     Trainer,
     TrainerCallback,
