@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))  # where the script finds its library
-
-from mosear_recipes import finetune, trainer  # noqa: E402
+from mosear_recipes import finetune, trainer
 
 KILL_AT = f"checkpoint-{os.environ['KILL_AT_CHECKPOINT']}"
 save_projectors = trainer.save_projectors

@@ -5,16 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))  # where the script finds its library
-
-from mosear_recipes import finetune  # noqa: E402
-from mosear_recipes.arguments import parse_finetune_args  # noqa: E402
-from mosear_recipes.trainer import MoSETrainer  # noqa: E402
+from mosear_recipes import finetune
+from mosear_recipes.arguments import parse_finetune_args
+from mosear_recipes.trainer import MoSETrainer
 
 seen: list[list[object]] = []
 training_step = MoSETrainer.training_step

@@ -4,32 +4,30 @@ block."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from mosear_recipes import evaluate_cli
 from mosear_recipes.emotion_llama import model as emotion_llama_model
-from mosear_recipes.scoring import ScoringConfig
-from mosear_recipes.model_eval import ModelEvalConfig, reallocation_options
+from mosear_recipes.model_choice import Reallocation
 from test_evaluate_model import _base_args, checkpoint, weights  # noqa: F401 (module fixtures)
 
 
 def test_reallocation_options_carry_the_pai_mode():
-    config = ModelEvalConfig(out_dir=Path("out"), scoring=ScoringConfig(task="recognition"), pai_mode="weights")
-    assert reallocation_options("pai", config)["pai_mode"] == "weights"
-    assert reallocation_options("none", config) is None
-    assert ModelEvalConfig(out_dir=Path("out"), scoring=ScoringConfig()).pai_mode == "logits"
+    reallocation = Reallocation(pai_mode="weights")
+    assert reallocation.options("pai")["pai_mode"] == "weights"
+    assert reallocation.options("none") is None
+    assert Reallocation().pai_mode == "logits"
 
 
 def test_reallocation_options_of_the_gated_strategy_need_the_gates_options():
-    config = ModelEvalConfig(out_dir=Path("out"), scoring=ScoringConfig(task="recognition"), tau=0.5)
+    reallocation = Reallocation(tau=0.5)
     gate = {"gate_labels": (10, 20), "gate_threshold": 0.1}
-    options = reallocation_options("ar+gate", config, gate)
+    options = reallocation.options("ar+gate", gate)
     assert options["strategy"] == "ar" and options["tau"] == 0.5
     assert (options["gate"], options["gate_labels"], options["gate_threshold"]) == ("conflict", (10, 20), 0.1)
     with pytest.raises(ValueError, match="'ar\\+gate' needs the gate's options"):
-        reallocation_options("ar+gate", config)
+        reallocation.options("ar+gate")
 
 
 @pytest.mark.parametrize("mode", ["weights", None])

@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 
 from conftest import free_port
 
-from mosear_recipes.modeling import load_trained, read_reference_outputs
+from mosear_recipes.modeling import read_reference_outputs
+from mosear_recipes.run import load_trained
 from mosear_recipes.run_config import ADAPTER_DIR, REFERENCE_FILE, RUN_CONFIG
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +37,6 @@ RECORDER = """
 import json, os, runpy, sys
 from pathlib import Path
 
-sys.path.insert(0, {recipes!r})
 import torch
 from mosear_recipes.trainer import MoSETrainer
 
@@ -92,7 +92,7 @@ def test_accelerate_launch_deepspeed_two_cpu_ranks(tmp_path, extensions_dir, sta
     saves, the saved adapter has its real shapes and reloads to the trained model's reference outputs."""
     config = ROOT / "recipes" / "configs" / f"accelerate_zero{stage}.yaml"
     recorder = tmp_path / "record.py"
-    recorder.write_text(RECORDER.format(recipes=str(ROOT / "recipes"), script=str(SCRIPT)))
+    recorder.write_text(RECORDER.format(script=str(SCRIPT)))
     out = tmp_path / "run"
     start = time.monotonic()
     run_accelerate(config, recorder, ["--output_dir", str(out), *SHORT], extensions_dir)

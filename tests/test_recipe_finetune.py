@@ -29,9 +29,10 @@ from mosear_recipes.emotion_llama.model import load_tokenizer
 from mosear_recipes.emotion_llama.prompt import PromptEncoder
 from mosear_recipes.merr.collator import MERRCollator
 from mosear_recipes.merr.synthetic import SUBSETS
-from mosear_recipes.modeling import build_model, load_trained, read_reference_outputs
+from mosear_recipes.modeling import build_model, load_trained_weights, read_reference_outputs
+from mosear_recipes.run import load_trained
 from mosear_recipes.run_config import LOSS_CURVE, REFERENCE_FILE, RunConfig
-from mosear_recipes.trainer import MoSETrainer, load_trained_weights, warmup_cosine_lr
+from mosear_recipes.trainer import MoSETrainer, warmup_cosine_lr
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "recipes" / "merr_finetune.py"

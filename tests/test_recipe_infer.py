@@ -23,7 +23,8 @@ from mosear_recipes.generation import generate_predictions
 from mosear_recipes.inference import InferenceConfig, infer
 from mosear_recipes.merr.dataset import MERRDataset
 from mosear_recipes.merr.readers import read_annotations, read_subtitles
-from mosear_recipes.modeling import load_trained
+from mosear_recipes.model_choice import ModelChoice, Reallocation
+from mosear_recipes.run import load_trained
 
 SCRIPT = Path(__file__).resolve().parents[1] / "recipes" / "merr_infer.py"
 REALLOCATION = {"none": None, "ar": {"tau": 0.0}, "pai": {"strategy": "pai", "alpha": 5.0}}
@@ -73,7 +74,8 @@ def by_id(run, name) -> tuple[dict[str, str], list[dict]]:
         opened.append(options)
         return reallocate(llm, **options)
 
-    config = InferenceConfig(run_dir=run, sample_id=name, strategies=list(REALLOCATION), tau=0.0, alpha=5.0)
+    config = InferenceConfig(model=ModelChoice(run_dir=run), sample_id=name, strategies=list(REALLOCATION),
+                             reallocation=Reallocation(tau=0.0, alpha=5.0))  # fmt: skip
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(model_module, "attention_reallocation", recording)
         return infer(config), opened
@@ -90,7 +92,7 @@ def test_answers_by_id_are_evaluations_answers(tiny, run, name, by_id):
 
 
 def test_reasoning_prompt_by_id(tiny, run, name):
-    answers = infer(InferenceConfig(run_dir=run, sample_id=name, task="reason_v2", strategies=["none"],
+    answers = infer(InferenceConfig(model=ModelChoice(run_dir=run), sample_id=name, task="reason_v2", strategies=["none"],
                                     max_new_tokens=4))  # fmt: skip
     trained = load_trained(run)
     dataset = MERRDataset(tiny.data.test_txt, tiny.data.subtitles, tasks=("reason_v2",), fine_json=tiny.data.fine_json)
@@ -114,8 +116,8 @@ def _file_options(files: dict[str, Path]) -> list[str]:
 def test_answers_from_feature_files_equal_the_answers_by_id(tiny, run, name, by_id, tmp_path):
     files = _copied_files(tiny, name, tmp_path / "clip")
     subtitle = read_subtitles(tiny.data.subtitles)[name]
-    config = InferenceConfig(run_dir=run, feature_files=files, subtitle=subtitle, strategies=list(REALLOCATION),
-                             tau=0.0, alpha=5.0)  # fmt: skip
+    config = InferenceConfig(model=ModelChoice(run_dir=run), feature_files=files, subtitle=subtitle,
+                             strategies=list(REALLOCATION), reallocation=Reallocation(tau=0.0, alpha=5.0))  # fmt: skip
     assert infer(config) == by_id[0]
 
 
@@ -199,7 +201,7 @@ def test_bad_inputs_are_refused_before_the_model_is_loaded(tiny, run, name, chec
     values = {"run": run, "data": tiny.data.root, "model": tiny.model_dir, "checkpoint": checkpoint, "clip": clip,
               "name": name}  # fmt: skip
     args = [arg for item in argv for arg in (_file_options(files) if item == "{files}" else [item.format(**values)])]
-    monkeypatch.setattr(inference, "load_model", lambda *_: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(ModelChoice, "load", lambda *_: pytest.fail("the model was loaded"))
     with pytest.raises(SystemExit) as exit_info:
         inference.main(args)
     assert exit_info.value.code == 2

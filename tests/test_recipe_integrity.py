@@ -24,14 +24,13 @@ from recipe_helpers import coarse_dataset
 from mosear_recipes import scoring
 from mosear_recipes import finetune
 from mosear_recipes.arguments import TINY_CONFIG
-from mosear_recipes.modeling import load_trained
+from mosear_recipes.run import check_adapter_dir, load_trained
 from mosear_recipes.emotion_llama.model import EmotionLlama
 from mosear_recipes.guards import NonFiniteError, NonFiniteGuard
 from mosear_recipes.integrity import (
     MANIFEST,
     CheckpointError,
     CheckpointManifests,
-    check_adapter_dir,
     newest_intact,
     resolve_resume,
     save_failure,

@@ -1,5 +1,6 @@
-"""The layout of recipes/: thin scripts over one library package, no import cycles, and no name that shadows an
-installed package in a recipe process (``python recipes/x.py`` puts ``recipes/`` first on ``sys.path``)."""
+"""The layout of recipes/: thin scripts over one installed library package, no import cycles, no name that shadows an
+installed package in a recipe process (``python recipes/x.py`` puts ``recipes/`` first on ``sys.path``), and loading a
+finished run (evaluation, inference) that imports nothing of training."""
 
 from __future__ import annotations
 
@@ -55,10 +56,13 @@ def test_no_recipe_name_shadows_an_installed_package():
     found = json.loads(done.stdout)
     assert found["evaluate"] is None or not found["evaluate"].startswith(str(ROOT)), found["evaluate"]
     assert found["datasets"] is None or not found["datasets"].startswith(str(ROOT)), found["datasets"]
-    # our own names resolve to our files only because recipes/ is first; none is also an installed package's name
+    # without recipes/ on the path, the scripts' names resolve to nothing (none is also an installed package's name);
+    # the library resolves to the installed package, which is ours (editable here: recipes/mosear_recipes/)
     clean = subprocess.run([sys.executable, "-c", probe.replace(f"sys.path.insert(0, {str(RECIPES)!r})\n", ""), *names],
                            capture_output=True, text=True, check=True, cwd="/")  # fmt: skip
-    assert all(origin is None for origin in json.loads(clean.stdout).values()), clean.stdout
+    origins = json.loads(clean.stdout)
+    assert origins.pop("mosear_recipes") == str(PACKAGE / "__init__.py"), clean.stdout
+    assert origins and all(origin is None for origin in origins.values()), clean.stdout
 
 
 def test_scripts_are_thin_and_import_only_the_library():
@@ -96,3 +100,24 @@ def test_the_library_has_no_import_cycles_and_imports_no_script():
     for module in graph:
         if module not in state:
             visit(module, [])
+
+
+TRAINING_MODULES = ("transformers.trainer", "mosear_recipes.trainer", "mosear_recipes.guards",
+                    "mosear_recipes.integrity", "mosear_recipes.finetune", "mosear_recipes.modeling")  # fmt: skip
+
+
+def test_evaluation_and_inference_import_nothing_of_training():
+    """A fresh process that imports the entry modules of evaluation and inference (and the run loader) has neither
+    HF ``Trainer`` nor the recipe's training guards, checkpoint integrity or model building loaded."""
+    probe = (
+        "import json, sys\n"
+        "import mosear_recipes.evaluate_cli, mosear_recipes.inference, mosear_recipes.run\n"
+        f"print(json.dumps({{name: name in sys.modules for name in {TRAINING_MODULES!r}}}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd="/")
+    loaded = json.loads(done.stdout)
+    assert set(loaded) == set(TRAINING_MODULES) and not any(loaded.values()), loaded
+    # the probe can see them: training does load them
+    trained = subprocess.run([sys.executable, "-c", probe.replace("mosear_recipes.run\n", "mosear_recipes.finetune\n")],
+                             capture_output=True, text=True, check=True, cwd="/")  # fmt: skip
+    assert all(json.loads(trained.stdout).values()), trained.stdout

@@ -21,7 +21,8 @@ from mosear_recipes.arguments import (
     ScheduleArguments,
     check_args,
 )
-from mosear_recipes.modeling import build_model, load_trained
+from mosear_recipes.modeling import build_model
+from mosear_recipes.run import load_trained
 from mosear_recipes.run_config import RunConfig, StageConfig
 from mosear_recipes.trainer import save_trained
 from test_evaluate_model import checkpoint, weights  # noqa: F401 (module fixtures)

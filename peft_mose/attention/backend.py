@@ -61,7 +61,6 @@ from .functional import (
 )
 from .strategy import PaiMode, Strategy
 
-PAI_MODES = tuple(mode.value for mode in PaiMode)  # for the recipes until they read PaiMode
 ROW_MODES = ("response", "all")
 GATES = ("conflict",)
 BASE_IMPLEMENTATIONS = ("sdpa", "eager")

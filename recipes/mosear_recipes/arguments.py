@@ -16,6 +16,7 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
 from peft_mose import MoSEConfig
+from peft_mose.metrics import resolve_labels
 
 from .distributed import share_cpu_deepspeed_state
 from .merr.tasks import parse_tasks
@@ -125,6 +126,11 @@ class DataArguments:
         metadata={"help": "Annotation file (under data_root) of the end-of-run recognition evaluation; 'auto': "
                   "synthetic_test.txt when present, 'none': no evaluation."},
     )  # fmt: skip
+    labels: str = field(
+        default="merr",
+        metadata={"help": "Label set of the annotation files: merr (MERR's nine), dfew (DFEW's seven, with disgust), "
+                  "mer2023 or a,b,c; a sample with another label is an error naming its file and line."},
+    )  # fmt: skip
     eval_labels: str = field(default="mer2023", metadata={"help": "Label set scored: mer2023, dfew, merr or a,b,c."})
     eval_max_new_tokens: int = field(default=8, metadata={"help": "Greedy tokens generated per evaluation prompt."})
 
@@ -159,7 +165,7 @@ class FinetuneArguments(TrainingArguments):
     output_dir: str = field(default="runs/merr_finetune", metadata={"help": "Where everything is written."})
     learning_rate: float | None = field(
         default=None, metadata={"help": "Peak learning rate. Default: the stage's (coarse 2e-5, fine 1e-5)."}
-    )
+    )  # None only until parse_finetune_args gives Trainer its final value
     num_train_epochs: float = field(default=30, metadata={"help": "Epochs (paper: 30)."})
     warmup_steps: float = field(default=1000, metadata={"help": "Warm-up steps (a fraction < 1: of all steps)."})
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (none on 1-D parameters)."})
@@ -167,7 +173,11 @@ class FinetuneArguments(TrainingArguments):
     per_device_train_batch_size: int = field(default=1, metadata={"help": "Samples per batch and process."})
     logging_steps: float = field(default=50, metadata={"help": "Log every N optimizer steps."})
     save_strategy: str = field(default="epoch", metadata={"help": "Checkpoint every epoch (no, steps or epoch)."})
-    save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept."})
+    save_total_limit: int | None = field(
+        default=2,
+        metadata={"help": "Checkpoints kept: the recipe rotates them once the newest has its manifest (Trainer's own "
+                  "rotation, which runs before, stays off)."},
+    )  # fmt: skip
     remove_unused_columns: bool = field(default=False, metadata={"help": "Must stay False (batches are dicts)."})
     label_names: list[str] | None = field(default_factory=lambda: ["labels"], metadata={"help": "Batch key of labels."})
     resume_from_checkpoint: str | None = field(
@@ -187,21 +197,24 @@ class FinetuneArguments(TrainingArguments):
 
 @dataclass
 class FinetuneConfig:
-    """Everything one run is given: the four argument groups and the config file they were read from."""
+    """Everything one run is given: the four argument groups (Trainer's with their final values: the stage's
+    learning rate, and ``save_total_limit`` off, the recipe's rotation keeping ``checkpoints_kept``) and the config
+    file they were read from."""
 
     model: ModelArguments
     data: DataArguments
     schedule: ScheduleArguments
     training: FinetuneArguments
     config_file: Path | None = None
+    checkpoints_kept: int | None = None
 
     def arguments(self) -> dict[str, dict[str, Any]]:
-        """Every argument as parsed, JSON-friendly, for the run configuration."""
+        """Every argument, JSON-friendly, for the run configuration (``--save_total_limit`` as given)."""
         return {
             "model": _values(self.model),
             "data": _values(self.data),
             "schedule": _values(self.schedule),
-            "training": self.training.to_dict(),
+            "training": {**self.training.to_dict(), "save_total_limit": self.checkpoints_kept},
         }
 
 
@@ -251,8 +264,22 @@ def parse_finetune_args(argv: Sequence[str] | None = None) -> FinetuneConfig:
     parser = build_parser()
     if config_file is not None:
         parser.set_defaults(**read_config_file(config_file))
-    model, data, schedule, training = parser.parse_args_into_dataclasses(argv)
-    return FinetuneConfig(model, data, schedule, training, config_file)
+    namespace, unused = parser.parse_known_args(argv)
+    if unused:
+        raise ValueError(f"Some specified arguments are not used by the HfArgumentParser: {unused}")
+    values = vars(namespace)
+    model, data, schedule = (_build(kind, values) for kind in (ModelArguments, DataArguments, ScheduleArguments))
+    # Trainer's arguments are built once, with their final values (building them again would reset accelerate's
+    # state): the stage's learning rate unless one is given, and no rotation of Trainer's own, which would run before
+    # the newest checkpoint has its manifest (integrity.CheckpointManifests rotates after it).
+    rate = values["learning_rate"] if values["learning_rate"] is not None else STAGE_LEARNING_RATES.get(data.stage)
+    training = _build(FinetuneArguments, {**values, "learning_rate": rate, "save_total_limit": None})
+    return FinetuneConfig(model, data, schedule, training, config_file, checkpoints_kept=values["save_total_limit"])
+
+
+def _build(kind: type, values: dict[str, Any]):
+    """A dataclass of the parser built from the parsed ``values`` it has fields for (as HfArgumentParser does)."""
+    return kind(**{f.name: values[f.name] for f in fields(kind) if f.init})
 
 
 def check_args(config: FinetuneConfig) -> None:
@@ -276,6 +303,11 @@ def check_args(config: FinetuneConfig) -> None:
         )
     if data.stage not in STAGE_TASKS:
         raise ValueError(f"--stage must be one of {list(STAGE_TASKS)}, got {data.stage!r}.")
+    for option, labels in (("--labels", data.labels), ("--eval_labels", data.eval_labels)):
+        try:
+            resolve_labels(labels)
+        except ValueError as error:
+            raise ValueError(f"{option}: {error}") from error
     if data.audio_repeat < 1:
         raise ValueError(f"--audio_repeat must be >= 1, got {data.audio_repeat}.")
     if data.val_size < 0 or (data.val_size >= 1 and data.val_size != int(data.val_size)):
@@ -320,9 +352,3 @@ def check_args(config: FinetuneConfig) -> None:
 def total_steps(config: FinetuneConfig) -> int:
     """Optimizer steps of the full schedule (``--max_steps`` only cuts it short)."""
     return math.ceil(config.training.num_train_epochs * config.schedule.iters_per_epoch)
-
-
-def learning_rate(config: FinetuneConfig) -> float:
-    """The peak learning rate: ``--learning_rate``, else the stage's rate of the paper."""
-    rate = config.training.learning_rate
-    return rate if rate is not None else STAGE_LEARNING_RATES[config.data.stage]

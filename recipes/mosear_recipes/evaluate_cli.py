@@ -8,7 +8,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from peft_mose.attention import DEFAULT_GATE_THRESHOLD
+from peft_mose.attention import DEFAULT_GATE_THRESHOLD, Strategy
 from peft_mose.metrics import (
     DEFAULT_GROUPING,
     LABEL_PARSERS,
@@ -17,7 +17,14 @@ from peft_mose.metrics import (
 )
 
 from .logs import setup_logging
-from .model_eval import STRATEGIES, ModelEvalConfig, evaluate_model
+from .model_choice import (
+    ModelChoice,
+    Reallocation,
+    add_model_arguments,
+    add_reallocation_arguments,
+    split_strategies,
+)
+from .model_eval import ModelEvalConfig, evaluate_model
 from .scoring import (
     TASKS,
     ScoringConfig,
@@ -67,25 +74,19 @@ def build_parser() -> argparse.ArgumentParser:
     scoring.add_argument("--predictions", type=Path, help='JSONL of {"id", "prediction"}')
     scoring.add_argument("--references", type=Path, help='JSONL of {"id", "reference"|"label", "subset"}')
     model = parser.add_argument_group("model-running mode (instead of --predictions/--references)")
-    model.add_argument("--run_dir", type=Path, help="output folder of recipes/merr_finetune.py (MoSE) to generate with")
-    model.add_argument("--model_name_or_path", type=Path, help="local LLM folder: the base model (Emotion-LLaMA)")
+    add_model_arguments(model)
     model.add_argument("--data_root", type=Path, help="MERR folder (default for a run: the run's)")
-    model.add_argument("--projector_checkpoint", type=Path, help="base model: Emotion-LLaMA / MiniGPT-v2 .pth (+ LoRA)")
-    model.add_argument("--projectors", type=Path, help="base model: projectors.safetensors instead of a .pth")
     model.add_argument("--annotation", type=Path, help="MERR annotation .txt (default: synthetic_test.txt of the data)")
     model.add_argument("--subsets", type=Path, help="CSV with name,subset (default: synthetic_subsets.csv beside it)")
     model.add_argument("--reasoning_task", choices=("reason_v2", "reason"), default="reason_v2",
                        help="prompt of the reasoning task: reason_v2 (fine-grained) or reason (coarse)")  # fmt: skip
-    model.add_argument("--strategies", default="none,ar", help=f"comma-separated, one table row each: {STRATEGIES}")
-    model.add_argument("--tau", type=float, default=1.0, help="AR threshold")
+    model.add_argument("--strategies", default="none,ar",
+                       help=f"comma-separated, one table row each: {[s.value for s in Strategy]}")  # fmt: skip
+    add_reallocation_arguments(model)
     model.add_argument("--gate_threshold", type=float, default=DEFAULT_GATE_THRESHOLD,
                        help="ar+gate: JS divergence (nats) above which a sample counts as a conflict")  # fmt: skip
-    model.add_argument("--alpha", type=float, default=0.5, help="PAI amplification")
-    model.add_argument("--pai_mode", choices=("logits", "weights"), default="logits", help="what PAI amplifies")
-    model.add_argument("--layers", help="comma-separated layer indices for AR/PAI (default: all)")
     model.add_argument("--batch_size", type=int, default=8, help="prompts per generate call")
     model.add_argument("--max_new_tokens", type=int, help="tokens per answer (default: recognition 8, reasoning 500)")
-    model.add_argument("--device", help="default: cuda when available, else cpu")
     labels = parser.add_argument_group("labels and parsing")
     labels.add_argument("--labels", default="mer2023", help="recognition label set: mer2023, dfew, merr or a,b,c")
     labels.add_argument("--parser", choices=LABEL_PARSERS, default="emotion_llama", help="label parser (recognition)")
@@ -143,24 +144,17 @@ def _run_model(args: argparse.Namespace, scoring: ScoringConfig) -> int:
     config = ModelEvalConfig(
         out_dir=args.out_dir,
         scoring=scoring,
-        run_dir=args.run_dir,
-        model_name_or_path=args.model_name_or_path,
+        model=ModelChoice.from_args(args),
         data_root=args.data_root,
-        projector_checkpoint=args.projector_checkpoint,
-        projectors=args.projectors,
         annotation=args.annotation,
         subsets=args.subsets,
         reasoning_task=args.reasoning_task,
-        strategies=[s.strip() for s in args.strategies.split(",") if s.strip()],
-        tau=args.tau,
-        alpha=args.alpha,
+        strategies=split_strategies(args.strategies),
+        reallocation=Reallocation.from_args(args),
         gate_threshold=args.gate_threshold,
-        pai_mode=args.pai_mode,
-        layers=[int(v) for v in args.layers.split(",")] if args.layers else None,
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
         name=args.name,
-        device=args.device,
     )
     rows = evaluate_model(config)
     print(markdown_table(rows), end="")

@@ -4,7 +4,6 @@ reference outputs and the end-of-run recognition evaluation. ``recipes/merr_fine
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,7 +17,6 @@ from .arguments import (
     STAGE_ANNOTATIONS,
     FinetuneConfig,
     check_args,
-    learning_rate,
     parse_finetune_args,
     total_steps,
 )
@@ -27,6 +25,7 @@ from .emotion_llama.features import FeatureSpec
 from .emotion_llama.model import EmotionLlama, load_tokenizer
 from .emotion_llama.prompt import PromptEncoder
 from .generation import generate_predictions
+from .guards import train as guarded_train
 from .integrity import resolve_resume
 from .logs import setup_logging
 from .merr.collator import MERRCollator
@@ -34,7 +33,7 @@ from .merr.dataset import CAPTION_FILES, SUBTITLE_FILE, KeyedSamples, MERRDatase
 from .merr.references import merr_references
 from .merr.sampler import SingleTaskBatchSampler
 from .merr.synthetic import FILES as SYNTHETIC_FILES
-from .modeling import build_model, reference_batch, write_reference_outputs
+from .modeling import build_model, merged_lora, reference_batch, write_reference_outputs
 from .run_config import EVAL_DIR, REFERENCE_FILE, RunConfig, StageConfig
 from .scoring import ScoringConfig, markdown_table, score, warn_skipped, write_report
 from .tiny_setup import write_tiny_setup
@@ -50,13 +49,17 @@ def stage_config(config: FinetuneConfig, data_root: Path) -> StageConfig:
     """The stage this run trains, resolved: annotation file, tasks and peak learning rate."""
     data = config.data
     annotation = data_root / (data.annotation or STAGE_ANNOTATIONS[data.stage])
-    return StageConfig(data.stage, str(annotation), data.stage_tasks, learning_rate(config))
+    return StageConfig(data.stage, str(annotation), data.stage_tasks, config.training.learning_rate)
 
 
-def open_dataset(annotation: str | Path, data_root: Path, tasks: Sequence[str], skip_missing: bool) -> MERRDataset:
-    """A MERR dataset under ``data_root``, every sample validated (captions are read for the tasks that need them)."""
+def open_dataset(
+    annotation: str | Path, data_root: Path, tasks: Sequence[str], skip_missing: bool, labels: str = "merr"
+) -> MERRDataset:
+    """A MERR-format dataset under ``data_root`` whose labels belong to the set ``labels`` (``--labels``), every
+    sample validated (captions are read for the tasks that need them)."""
     captions = {key: data_root / name for key, name in CAPTION_FILES.items()}
-    return MERRDataset(annotation, data_root / SUBTITLE_FILE, tasks=tasks, skip_missing=skip_missing, **captions)
+    return MERRDataset(annotation, data_root / SUBTITLE_FILE, tasks=tasks, labels=resolve_labels(labels),
+                       skip_missing=skip_missing, **captions)  # fmt: skip
 
 
 def training_data(
@@ -65,9 +68,10 @@ def training_data(
     """``(train, validation)`` of the stage: the validation samples are ``--val_annotation`` or ``--val_size`` of
     the annotation held out (``None`` without either)."""
     data = config.data
-    dataset = open_dataset(stage.annotation, data_root, stage.tasks, data.skip_missing)
+    dataset = open_dataset(stage.annotation, data_root, stage.tasks, data.skip_missing, data.labels)
     if data.val_annotation:
-        return dataset, open_dataset(data_root / data.val_annotation, data_root, stage.tasks, data.skip_missing)
+        validation = data_root / data.val_annotation
+        return dataset, open_dataset(validation, data_root, stage.tasks, data.skip_missing, data.labels)
     if data.val_size:
         return dataset.split(data.val_size, config.training.seed)
     return dataset, None
@@ -83,7 +87,7 @@ def eval_dataset(config: FinetuneConfig, data_root: Path) -> MERRDataset | None:
         annotation = data_root / SYNTHETIC_FILES["test_txt"]
         if not annotation.exists():
             return None
-    return MERRDataset(annotation, data_root / SUBTITLE_FILE, tasks=("emotion",), skip_missing=data.skip_missing)
+    return open_dataset(annotation, data_root, ("emotion",), data.skip_missing, data.labels)
 
 
 def prepare_inputs(config: FinetuneConfig, output_dir: Path) -> tuple[Path, Path]:
@@ -130,7 +134,7 @@ def finetune(config: FinetuneConfig) -> dict | None:
     output_dir = Path(args.output_dir).resolve()
     model_path, data_root = prepare_inputs(config, output_dir)
     stage = stage_config(config, data_root)
-    args.resume_from_checkpoint = resolve_resume(args.resume_from_checkpoint, output_dir)
+    resume = resolve_resume(args.resume_from_checkpoint, output_dir)  # verified before anything of it is loaded
     train, validation = training_data(config, stage, data_root)
     evaluation = eval_dataset(config, data_root)
     spec = FeatureSpec.from_dir(data_root)
@@ -144,7 +148,7 @@ def finetune(config: FinetuneConfig) -> dict | None:
             audio_repeat=config.data.audio_repeat,
             stage=stage,
             world_size=args.world_size,
-            merged_lora_checkpoint=model_args.projector_checkpoint if model_args.merge_checkpoint_lora else None,
+            merged_lora_checkpoint=merged_lora(model_args),
             init_from=model_args.init_from,
             config_file=str(config.config_file) if config.config_file else None,
             arguments=config.arguments(),
@@ -152,7 +156,7 @@ def finetune(config: FinetuneConfig) -> dict | None:
     encoder = PromptEncoder(load_tokenizer(model_path), spec.n_patch_tokens, audio_repeat=config.data.audio_repeat)
     set_seed(args.seed)
     # A resumed run starts from its checkpoint, which holds every trainable tensor.
-    init_dir = Path(model_args.init_from) if model_args.init_from and not args.resume_from_checkpoint else None
+    init_dir = Path(model_args.init_from) if model_args.init_from and not resume else None
     model = build_model(model_args, model_path, spec, encoder.tokenizer, init_dir)
     sampler = SingleTaskBatchSampler(
         train,
@@ -163,20 +167,21 @@ def finetune(config: FinetuneConfig) -> dict | None:
     )
     trainer = MoSETrainer(
         model=model,
-        args=dataclasses.replace(args, learning_rate=stage.learning_rate),
+        args=args,
         train_dataset=train,
         eval_dataset=KeyedSamples(validation) if validation is not None else None,
         data_collator=MERRCollator(encoder),
         batch_sampler=sampler,
         schedule=config.schedule,
         total_steps=total_steps(config),
+        checkpoints_kept=config.checkpoints_kept,
     )
     held_out = f", {len(validation)} for validation" if validation is not None else ""
     logger.info(
         "Stage %s: %d training samples%s; %s Tasks %s, peak lr %g.", stage.name, len(train), held_out,
         train.skip_report(), ", ".join(stage.tasks), stage.learning_rate,
     )  # fmt: skip
-    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    guarded_train(trainer, resume)
     trainer.save_model(str(output_dir))
     batch = reference_batch(train, encoder)
     write_reference_outputs(trainer.model, batch, output_dir / REFERENCE_FILE, args.device, args.should_save)

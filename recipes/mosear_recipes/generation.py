@@ -16,7 +16,11 @@ from .emotion_llama.model import EmotionLlama
 from .emotion_llama.prompt import PromptEncoder
 from .merr.collator import MERRCollator
 from .merr.dataset import MERRDataset
-from .modeling import to_device
+
+
+def to_device(batch: Mapping[str, object], device: torch.device) -> dict[str, object]:
+    """The batch with its tensors on ``device`` (lists such as ``names`` unchanged)."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def generate_predictions(

@@ -1,8 +1,9 @@
 """Training that stops on a bad state instead of saving it: non-finite losses, gradients or weights, failed saves.
 
 Trainer replaces a NaN loss in its logs by the running mean (``logging_nan_inf_filter``), so a run whose weights all
-turned NaN still "succeeds" and its checkpoints rotate the good ones out. :class:`GuardedTrainer` checks the values
-itself and raises :class:`NonFiniteError` (a non-zero exit) before anything of the bad step is saved.
+turned NaN still "succeeds" and its checkpoints rotate the good ones out. :class:`NonFiniteGuard` (a callback, with
+the loss checked by ``MoSETrainer.compute_loss``) checks the values itself and raises :class:`NonFiniteError` (a
+non-zero exit) before anything of the bad step is saved; :func:`train` names a checkpoint whose save failed.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from mosear_recipes.integrity import CheckpointManifests, save_failure
+from .integrity import save_failure
 
 HINT = (
     "Check the batch's feature files, or lower the learning rate or set --max_grad_norm, then resume from the newest "
@@ -51,7 +52,7 @@ def first_non_finite(tensors: Mapping[str, torch.Tensor]) -> str | None:
 class NonFiniteGuard(TrainerCallback):
     """Stops training on non-finite gradients (before the optimizer step, where Trainer's model holds them) and on
     non-finite trainable weights (after the step, before any save: DeepSpeed keeps its gradients to itself and steps
-    inside backward). :meth:`check_loss` is called by :class:`GuardedTrainer` on every loss."""
+    inside backward). :meth:`check_loss` is called by ``MoSETrainer.compute_loss`` on every loss."""
 
     def check_loss(self, loss: torch.Tensor, inputs: Mapping[str, Any], args: TrainingArguments, step: int) -> None:
         """Raise on a non-finite loss, before its backward pass."""
@@ -87,45 +88,18 @@ class NonFiniteGuard(TrainerCallback):
         self._check(weights, "weight", f"after step {state.global_step}, before it could be saved", args)
 
 
-class GuardedTrainer(Trainer):
-    """``Trainer`` that stops on non-finite values (:class:`NonFiniteGuard`), gives every checkpoint a manifest before
-    it rotates old ones out (:class:`~mosear_recipes.integrity.CheckpointManifests`, which takes over
-    ``save_total_limit``),
-    and turns a failed checkpoint save (a full disk) into an error that names it, after removing what it left."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.guard = NonFiniteGuard()
-        self.add_callback(self.guard)
-        self.add_callback(CheckpointManifests(self.args.save_total_limit))
-        self.args.save_total_limit = None  # Trainer's rotation runs before the manifest exists
-
-    def compute_loss(
-        self,
-        model: nn.Module,
-        inputs: dict[str, Any],
-        return_outputs: bool = False,
-        num_items_in_batch: torch.Tensor | int | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
-        """Trainer's loss, checked before its backward pass when training."""
-        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        if model.training:
-            loss = result[0] if return_outputs else result
-            self.guard.check_loss(loss, inputs, self.args, self.state.global_step + 1)
-        return result
-
-    def train(self, *args: Any, **kwargs: Any):
-        """Trainer's ``train``; an error while a checkpoint was being saved becomes a
-        :class:`~mosear_recipes.integrity.CheckpointError` naming it (see
-        :func:`~mosear_recipes.integrity.save_failure`)."""
-        try:
-            return super().train(*args, **kwargs)
-        except NonFiniteError:
-            raise
-        except Exception as error:
-            if self.control.should_save and self.args.should_save:
-                checkpoint = Path(self.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-                failure = save_failure(checkpoint, error)
-                if failure is not None:
-                    raise failure from error
-            raise
+def train(trainer: Trainer, resume_from_checkpoint: str | None) -> None:
+    """``trainer.train(resume_from_checkpoint=...)``; an error while a checkpoint was being saved (a full disk)
+    becomes a :class:`~mosear_recipes.integrity.CheckpointError` naming it, after removing what it left (see
+    :func:`~mosear_recipes.integrity.save_failure`)."""
+    try:
+        trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    except NonFiniteError:
+        raise
+    except Exception as error:
+        if trainer.control.should_save and trainer.args.should_save:
+            checkpoint = Path(trainer.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.global_step}"
+            failure = save_failure(checkpoint, error)
+            if failure is not None:
+                raise failure from error
+        raise

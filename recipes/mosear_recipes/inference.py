@@ -4,7 +4,7 @@ attention reallocation: the command line of ``recipes/merr_infer.py``.
 The sample is a MERR sample named by its id (its subtitle and features read from a data root), or one sample's own
 feature files and subtitle. Either way it is read, checked and prompted by the dataset code and answered by
 :func:`~mosear_recipes.generation.generate_predictions`, model and AR/PAI options as in ``recipes/merr_evaluate.py``
-(:mod:`mosear_recipes.model_eval`), so an answer here is the one evaluation gives for that sample.
+(:mod:`mosear_recipes.model_choice`), so an answer here is the one evaluation gives for that sample.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from peft_mose import Modality
-from peft_mose.attention.backend import PAI_MODES
+from peft_mose.attention import Strategy
 
 from .emotion_llama.features import SPEC_FILE, FeatureSpec
 from .generation import generate_predictions
@@ -28,7 +28,16 @@ from .merr.collator import MERRCollator
 from .merr.dataset import SUBTITLE_FILE, MERRDataset, MERRRecord
 from .merr.readers import read_subtitles
 from .merr.tasks import TASKS
-from .model_eval import MAX_NEW_TOKENS, check_exists, check_model_choice, load_model, reallocation_options
+from .model_choice import (
+    ModelChoice,
+    Reallocation,
+    add_model_arguments,
+    add_reallocation_arguments,
+    check_exists,
+    parse_strategies,
+    split_strategies,
+)
+from .model_eval import MAX_NEW_TOKENS
 from .run_config import RunConfig
 
 logger = logging.getLogger(__name__)
@@ -36,7 +45,7 @@ logger = logging.getLogger(__name__)
 FEATURE_KINDS = tuple(FeatureSpec().folders)
 """The feature files of one sample, as :class:`FeatureSpec` names them: ``eva``, ``face``, ``video``, ``audio``."""
 FILE_OPTIONS = {kind: f"--{kind}_file" for kind in FEATURE_KINDS}
-LAYOUT = (Modality.TEXT, Modality.VISUAL, Modality.AUDIO)
+PROMPT_MODALITIES = (Modality.TEXT, Modality.VISUAL, Modality.AUDIO)
 CLOSE_MATCHES = 5
 
 USAGE = """\
@@ -59,39 +68,27 @@ Data formats: docs/recipes.md.
 """
 
 
-STRATEGIES = ("none", "ar", "pai")
-"""Those of ``merr_evaluate.py`` but ``ar+gate``, whose gate needs the task's label set and reports over a dataset."""
+STRATEGIES = tuple(s for s in Strategy if not s.gated)
+"""Every strategy but the gated one, whose gate needs the task's label set and reports over a dataset
+(``merr_evaluate.py``)."""
 
 
 @dataclass
 class InferenceConfig:
     """The model (a trained run, or the base model with its projector weights and feature spec), the sample (an id
     in a MERR data root, or its feature files and subtitle), the prompt task and the strategies to answer with.
-    Problems are reported with the command line's option names. Its model and strategy fields are a
-    :class:`~mosear_recipes.model_eval.ModelChoice`, read by ``load_model`` and ``reallocation_options``."""
+    Problems are reported with the command line's option names."""
 
-    run_dir: Path | None = None
-    model_name_or_path: Path | None = None
-    projector_checkpoint: Path | None = None
-    projectors: Path | None = None
+    model: ModelChoice = field(default_factory=ModelChoice)
     feature_spec: Path | None = None
     data_root: Path | None = None
     sample_id: str | None = None
     feature_files: Mapping[str, Path] = field(default_factory=dict)
     subtitle: str | None = None
     task: str = "emotion"
-    strategies: Sequence[str] = ("none", "ar")
-    tau: float = 1.0
-    alpha: float = 0.5
-    pai_mode: str = "logits"
-    layers: Sequence[int] | None = None
+    strategies: Sequence[Strategy | str] = (Strategy.NONE, Strategy.AR)
+    reallocation: Reallocation = field(default_factory=Reallocation)
     max_new_tokens: int | None = None
-    device: str | None = None
-
-    @property
-    def kind(self) -> str:
-        """``"run"`` (MoSE) or ``"base"`` (Emotion-LLaMA)."""
-        return "run" if self.run_dir is not None else "base"
 
 
 class SampleDataset(MERRDataset):
@@ -108,15 +105,11 @@ class SampleDataset(MERRDataset):
 
 def check_config(config: InferenceConfig) -> None:
     """Refuse contradictory, incomplete or out-of-range settings and missing model files before anything is read."""
-    check_model_choice(config, "answer with", run_supplies={"--feature_spec": config.feature_spec})
+    config.model.check("answer with", run_supplies={"--feature_spec": config.feature_spec})
     _check_sample_options(config)
     if config.task not in TASKS:
         raise ValueError(f"--task must be one of {list(TASKS)}, got {config.task!r}.")
-    unknown = [s for s in config.strategies if s not in STRATEGIES]
-    if unknown or not config.strategies:
-        raise ValueError(f"Unknown strategies {unknown or list(config.strategies)!r}; choose from {list(STRATEGIES)}.")
-    if config.pai_mode not in PAI_MODES:
-        raise ValueError(f"--pai_mode must be one of {list(PAI_MODES)}, got {config.pai_mode!r}.")
+    parse_strategies(config.strategies, STRATEGIES)
     if config.max_new_tokens is not None and config.max_new_tokens < 1:
         raise ValueError(f"--max_new_tokens must be >= 1, got {config.max_new_tokens}.")
 
@@ -132,7 +125,7 @@ def _check_sample_options(config: InferenceConfig) -> None:
     if config.sample_id is not None:
         if config.subtitle is not None:
             raise ValueError(f"--subtitle goes with the feature files: --sample_id's is read from {SUBTITLE_FILE}.")
-        if config.kind == "base" and config.data_root is None:
+        if config.model.kind == "base" and config.data_root is None:
             raise ValueError("--sample_id with --model_name_or_path needs --data_root, the MERR folder holding it.")
         return
     unknown = sorted(set(config.feature_files) - set(FEATURE_KINDS))
@@ -150,8 +143,8 @@ def _check_sample_options(config: InferenceConfig) -> None:
 def resolve_spec(config: InferenceConfig) -> FeatureSpec:
     """The feature spec: a run's own; for the base model ``--feature_spec`` (a ``feature_spec.json`` or a folder
     holding one), else the data root's, else the real MERR layout."""
-    if config.kind == "run":
-        return RunConfig.read(config.run_dir).feature_spec
+    if config.model.kind == "run":
+        return RunConfig.read(config.model.run_dir).feature_spec
     if config.feature_spec is not None:
         path = Path(config.feature_spec)
         folder = path.parent if path.name == SPEC_FILE else path
@@ -168,7 +161,7 @@ def sample_record(config: InferenceConfig, spec: FeatureSpec) -> MERRRecord:
     if config.sample_id is None:
         files = {kind: Path(path) for kind, path in config.feature_files.items()}
         return MERRRecord(files["eva"].stem, "", config.subtitle, answers, **files)
-    data_root = Path(config.data_root or RunConfig.read(config.run_dir).data_root)
+    data_root = Path(config.data_root or RunConfig.read(config.model.run_dir).data_root)
     check_exists(data_root, "the data folder (recorded by the run unless given)", "--data_root")
     subtitle_file = data_root / SUBTITLE_FILE
     subtitles = read_subtitles(subtitle_file)
@@ -181,10 +174,10 @@ def sample_record(config: InferenceConfig, spec: FeatureSpec) -> MERRRecord:
     return MERRRecord(name, "", subtitles[name], answers, **files)
 
 
-def prompt_layout(batch: Mapping[str, torch.Tensor]) -> dict[str, int]:
+def modality_counts(batch: Mapping[str, torch.Tensor]) -> dict[str, int]:
     """Tokens per modality of a one-prompt batch's prompt: ``{"text": ..., "visual": ..., "audio": ...}``."""
     ids = batch["modality_ids"][0]
-    return {modality.name.lower(): int((ids == modality).sum()) for modality in LAYOUT}
+    return {modality.name.lower(): int((ids == modality).sum()) for modality in PROMPT_MODALITIES}
 
 
 def infer(config: InferenceConfig) -> dict[str, str]:
@@ -194,21 +187,21 @@ def infer(config: InferenceConfig) -> dict[str, str]:
     spec = resolve_spec(config)
     dataset = SampleDataset(sample_record(config, spec), spec, config.task)
     sample = dataset[dataset.keys(config.task)[0]]
-    model, encoder = load_model(config, spec)
-    layout = prompt_layout(MERRCollator(encoder, with_answer=False)([sample]))
+    model, encoder = config.model.load(spec)
+    counts = modality_counts(MERRCollator(encoder, with_answer=False)([sample]))
     logger.info(
-        "Sample %s, task %s: a prompt of %d tokens, %s.", sample.name, config.task, sum(layout.values()),
-        ", ".join(f"{count} {modality}" for modality, count in layout.items()),
+        "Sample %s, task %s: a prompt of %d tokens, %s.", sample.name, config.task, sum(counts.values()),
+        ", ".join(f"{count} {modality}" for modality, count in counts.items()),
     )  # fmt: skip
     device = next(model.parameters()).device
     max_new_tokens = config.max_new_tokens or MAX_NEW_TOKENS["recognition" if config.task == "emotion" else "reasoning"]
     answers = {}
-    for strategy in dict.fromkeys(config.strategies):
+    for strategy in parse_strategies(config.strategies, STRATEGIES):
         predictions = generate_predictions(
             model, dataset, encoder, device, 1, max_new_tokens, task=config.task,
-            reallocation=reallocation_options(strategy, config),
+            reallocation=config.reallocation.options(strategy),
         )  # fmt: skip
-        answers[strategy] = predictions[sample.name]
+        answers[strategy.value] = predictions[sample.name]
     return answers
 
 
@@ -222,13 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="merr_infer.py", description=USAGE, formatter_class=_Formatter, allow_abbrev=False
     )
     model = parser.add_argument_group("model")
-    model.add_argument("--run_dir", type=Path, help="output folder of recipes/merr_finetune.py (MoSE)")
-    model.add_argument("--model_name_or_path", type=Path, help="local LLM folder: the base model (Emotion-LLaMA)")
-    model.add_argument("--projector_checkpoint", type=Path, help="base model: Emotion-LLaMA / MiniGPT-v2 .pth (+ LoRA)")
-    model.add_argument("--projectors", type=Path, help="base model: projectors.safetensors instead of a .pth")
+    add_model_arguments(model)
     model.add_argument("--feature_spec", type=Path,
                        help=f"base model: {SPEC_FILE} or its folder (default: --data_root's, else MERR's)")  # fmt: skip
-    model.add_argument("--device", help="default: cuda when available, else cpu")
     sample = parser.add_argument_group("sample: an id in a MERR folder, or the sample's own files")
     sample.add_argument("--sample_id", help=f"sample name (a row of {SUBTITLE_FILE})")
     sample.add_argument("--data_root", type=Path, help="MERR folder of --sample_id (default for a run: the run's)")
@@ -240,11 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     generation = parser.add_argument_group("generation")
     generation.add_argument("--task", choices=tuple(TASKS), default="emotion",
                             help="prompt: emotion (a label), reason or reason_v2 (coarse / fine reasons)")  # fmt: skip
-    generation.add_argument("--strategies", default="none,ar", help=f"comma-separated, one answer each: {STRATEGIES}")
-    generation.add_argument("--tau", type=float, default=1.0, help="AR threshold")
-    generation.add_argument("--alpha", type=float, default=0.5, help="PAI amplification")
-    generation.add_argument("--pai_mode", choices=PAI_MODES, default="logits", help="what PAI amplifies")
-    generation.add_argument("--layers", help="comma-separated layer indices for AR/PAI (default: all)")
+    generation.add_argument("--strategies", default="none,ar",
+                            help=f"comma-separated, one answer each: {[s.value for s in STRATEGIES]}")  # fmt: skip
+    add_reallocation_arguments(generation)
     generation.add_argument("--max_new_tokens", type=int,
                             help=f"tokens per answer (default: emotion {MAX_NEW_TOKENS['recognition']}, reasoning "
                                  f"{MAX_NEW_TOKENS['reasoning']})")  # fmt: skip
@@ -261,23 +248,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, str]:
     files = {kind: getattr(args, f"{kind}_file") for kind in FEATURE_KINDS}
     try:
         config = InferenceConfig(
-            run_dir=args.run_dir,
-            model_name_or_path=args.model_name_or_path,
-            projector_checkpoint=args.projector_checkpoint,
-            projectors=args.projectors,
+            model=ModelChoice.from_args(args),
             feature_spec=args.feature_spec,
             data_root=args.data_root,
             sample_id=args.sample_id,
             feature_files={kind: path for kind, path in files.items() if path is not None},
             subtitle=args.subtitle,
             task=args.task,
-            strategies=[s.strip() for s in args.strategies.split(",") if s.strip()],
-            tau=args.tau,
-            alpha=args.alpha,
-            pai_mode=args.pai_mode,
-            layers=[int(v) for v in args.layers.split(",")] if args.layers else None,
+            strategies=split_strategies(args.strategies),
+            reallocation=Reallocation.from_args(args),
             max_new_tokens=args.max_new_tokens,
-            device=args.device,
         )
         answers = infer(config)
     except (OSError, ValueError) as error:

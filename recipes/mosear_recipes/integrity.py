@@ -18,8 +18,6 @@ import shutil
 from pathlib import Path
 
 import torch
-from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
-from peft.utils import CONFIG_NAME
 from transformers import (
     TrainerCallback,
     TrainerControl,
@@ -172,22 +170,6 @@ def save_failure(checkpoint: Path, error: Exception) -> CheckpointError | None:
         f"Could not save checkpoint {checkpoint}: {reason}. {nothing} saved before was lost. "
         f"{_resume_hint(checkpoint.parent)}"
     )
-
-
-def check_adapter_dir(directory: Path) -> None:
-    """Refuse an adapter folder whose ``adapter_config.json`` PEFT would fail on with a bare ``KeyError`` or
-    ``JSONDecodeError``: missing, invalid JSON, no ``peft_type`` or one PEFT does not know."""
-    config_file = directory / CONFIG_NAME
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file} does not exist: {directory} holds no saved adapter.")
-    config = load_json(config_file)
-    if not isinstance(config, dict) or "peft_type" not in config:
-        raise ValueError(f"{config_file} has no 'peft_type': it is not the configuration of a saved PEFT adapter.")
-    if config["peft_type"] not in PEFT_TYPE_TO_CONFIG_MAPPING:
-        known = ", ".join(sorted(str(getattr(k, "value", k)) for k in PEFT_TYPE_TO_CONFIG_MAPPING))
-        raise ValueError(
-            f"{config_file}: unknown peft_type {config['peft_type']!r} (known: {known}; MOSE needs `import peft_mose`)."
-        )
 
 
 class CheckpointManifests(TrainerCallback):

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from peft_mose._versions import environment
+from peft_mose import environment
 
 from .emotion_llama.features import FeatureSpec
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from peft_mose._versions import environment
+from peft_mose import environment
 from peft_mose.metrics import (
     DEFAULT_GROUPING,
     Grouping,
@@ -296,7 +296,7 @@ def markdown_table(rows: Sequence[tuple[str, Mapping[str, object]]]) -> str:
 def write_report(
     result: Mapping[str, object], rows: Sequence[Mapping[str, object]], out_dir: str | Path, name: str
 ) -> dict[str, Path]:
-    """Write ``scores.json`` (with the :func:`~peft_mose._versions.environment` it was produced in), ``scores.md``,
+    """Write ``scores.json`` (with the :func:`~peft_mose.environment` it was produced in), ``scores.md``,
     ``per_sample.jsonl`` and ``scores.png`` into ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -32,9 +32,10 @@ def write_tiny_setup(out_dir: str | Path, num_samples: int = 300, seed: int = 0)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Write the tiny setup to the folder given on the command line (``recipes/make_tiny.py``)."""
+    """Write the tiny setup to the folder given on the command line (``python -m mosear_recipes.tiny_setup``,
+    ``recipes/make_tiny.py``)."""
     parser = argparse.ArgumentParser(
-        prog="make_tiny.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m mosear_recipes.tiny_setup", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("out_dir", type=Path, help="gets data/ and model/")
     parser.add_argument("--num_samples", type=int, default=300, help="synthetic samples (default: 300)")
@@ -42,3 +43,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     setup = write_tiny_setup(args.out_dir, args.num_samples, args.seed)
     print(f"data: {setup.data.root}\nmodel: {setup.model_dir}")
+
+
+if __name__ == "__main__":
+    main()

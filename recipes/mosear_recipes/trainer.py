@@ -1,15 +1,19 @@
 """The recipe's ``Trainer``: one-task batches, the paper's schedule, no weight decay on 1-D parameters, checkpoints
-holding only what trains (``adapter/`` and ``projectors.safetensors``), plus the guards of :mod:`.guards`."""
+holding only what trains (``adapter/`` and ``projectors.safetensors``), the non-finite guards of :mod:`.guards` and
+the checkpoint manifests of :mod:`.integrity`, all through Trainer's public hooks but one (resuming; see below)."""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 from torch.utils.data import DataLoader
 from transformers import (
+    Trainer,
     TrainerCallback,
     TrainerControl,
     TrainerState,
@@ -18,11 +22,12 @@ from transformers import (
 
 from .arguments import ScheduleArguments
 from .distributed import gathered
-from .emotion_llama.checkpoint import load_projectors, save_projectors
+from .emotion_llama.checkpoint import save_projectors
 from .emotion_llama.model import EmotionLlama
-from .guards import GuardedTrainer
-from .integrity import check_adapter_dir
+from .guards import NonFiniteGuard
+from .integrity import CheckpointManifests
 from .merr.sampler import SingleTaskBatchSampler
+from .modeling import load_trained_weights
 from .plots import plot_loss_curve
 from .run_config import ADAPTER_DIR, LOSS_CURVE, PROJECTORS_FILE
 
@@ -48,16 +53,6 @@ def save_trained(model: EmotionLlama, directory: Path, is_main: bool = True) -> 
             save_projectors(model.projectors, directory / PROJECTORS_FILE)
 
 
-def load_trained_weights(model: EmotionLlama, directory: Path) -> None:
-    """Load ``directory/adapter`` and ``directory/projectors.safetensors`` into a model built for training."""
-    missing = [p for p in (directory / ADAPTER_DIR, directory / PROJECTORS_FILE) if not p.exists()]
-    if missing:
-        raise FileNotFoundError(f"{directory} holds no trained model: {', '.join(map(str, missing))} missing.")
-    check_adapter_dir(directory / ADAPTER_DIR)
-    model.llm.load_adapter(str(directory / ADAPTER_DIR), adapter_name="default", is_trainable=True)
-    load_projectors(model.projectors, directory / PROJECTORS_FILE)
-
-
 class SamplerEpochCallback(TrainerCallback):
     """Sets the batch sampler's epoch from the optimizer step at the start of every epoch. Trainer's own ``set_epoch``
     does not reach a sampler that accelerate wrapped twice (sharded over processes, then skipping the batches already
@@ -80,20 +75,42 @@ class LossCurveCallback(TrainerCallback):
             plot_loss_curve(state.log_history, Path(args.output_dir) / LOSS_CURVE)
 
 
-class MoSETrainer(GuardedTrainer):
+class MoSETrainer(Trainer):
     """``Trainer`` with one-task batches, no weight decay on 1-D parameters, the warm-up + per-epoch cosine of
     ``schedule`` (unless it asks for Trainer's own), checkpoints holding only what trains, and a loss curve; it stops
-    on non-finite values and gives every checkpoint a manifest (:class:`~mosear_recipes.guards.GuardedTrainer`)."""
+    on non-finite values (:class:`~mosear_recipes.guards.NonFiniteGuard`) and gives every checkpoint a manifest,
+    rotating them after it (:class:`~mosear_recipes.integrity.CheckpointManifests`, keeping ``checkpoints_kept``:
+    Trainer's own ``save_total_limit`` must be off)."""
 
     def __init__(
-        self, *args, batch_sampler: SingleTaskBatchSampler, schedule: ScheduleArguments, total_steps: int, **kwargs
-    ) -> None:
+        self, *args: Any, batch_sampler: SingleTaskBatchSampler, schedule: ScheduleArguments, total_steps: int,
+        checkpoints_kept: int | None, **kwargs: Any,
+    ) -> None:  # fmt: skip
         super().__init__(*args, **kwargs)
+        if self.args.save_total_limit is not None:
+            raise ValueError("MoSETrainer rotates checkpoints itself after their manifest: build its arguments with "
+                             "save_total_limit=None and pass checkpoints_kept.")  # fmt: skip
         self.batch_sampler = batch_sampler
         self.schedule = schedule
         self.total_steps = total_steps
-        self.add_callback(SamplerEpochCallback(batch_sampler, schedule.iters_per_epoch))
-        self.add_callback(LossCurveCallback())
+        self.guard = NonFiniteGuard()
+        for callback in (self.guard, CheckpointManifests(checkpoints_kept),
+                         SamplerEpochCallback(batch_sampler, schedule.iters_per_epoch), LossCurveCallback()):  # fmt: skip
+            self.add_callback(callback)
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        """Trainer's loss, checked before its backward pass when training (no callback sees the loss before it)."""
+        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if model.training:
+            loss = result[0] if return_outputs else result
+            self.guard.check_loss(loss, inputs, self.args, self.state.global_step + 1)
+        return result
 
     def get_train_dataloader(self) -> DataLoader:
         """The dataset read in :class:`SingleTaskBatchSampler` batches (sharded over processes by accelerate)."""
@@ -129,13 +146,16 @@ class MoSETrainer(GuardedTrainer):
             self.lr_scheduler = LambdaLR(optimizer if optimizer is not None else self.optimizer, factor)
         return self.lr_scheduler
 
+    # The checkpoint format: only what trains, adapter/ + projectors.safetensors. Trainer writes the whole state dict
+    # of a model that is not a PreTrainedModel or PeftModel (here the frozen LLM too), so saving goes through its
+    # public save_model, and resuming through the one private override left: Trainer.train(resume_from_checkpoint=...)
+    # always calls _load_from_checkpoint (without DeepSpeed, which resumes from its engine checkpoint), whose own version
+    # reads full-model weight files or a bare PeftModel's adapter, and no public hook replaces it. The checkpoint was
+    # verified against its manifest before train() (integrity.resolve_resume). Checked on transformers 5.4-5.24
+    # (tests/test_compat.py checks its signature).
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Save the adapter and the projectors (under ZeRO-3 every process must call this)."""
         save_trained(self.model, Path(output_dir or self.args.output_dir), self.args.should_save)
 
-    # Private, as no public hook exists: `Trainer.train(resume_from_checkpoint=...)` always calls this, and Trainer's
-    # version only reads full-model weight files or a PeftModel's adapter, not our adapter + projectors. Checked on
-    # transformers 5.4-5.24 (tests/test_compat.py checks its signature).
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
-        # Resuming without DeepSpeed (DeepSpeed resumes from its own engine checkpoint).
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         load_trained_weights(model if model is not None else self.model, Path(resume_from_checkpoint))

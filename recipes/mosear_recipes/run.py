@@ -1,0 +1,91 @@
+"""Loading a finished run folder of ``recipes/merr_finetune.py`` for evaluation and inference, verified (run config,
+adapter config, both weight files) before anything is loaded. Imports nothing of training: no ``Trainer``, no
+guards, no checkpoint manifests (``tests/test_recipe_layout_imports.py`` checks it)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+from peft.utils import CONFIG_NAME
+
+from .emotion_llama.checkpoint import load_projectors, merge_lora_checkpoint
+from .emotion_llama.model import EmotionLlama, load_llm, load_tokenizer
+from .emotion_llama.projectors import EmotionLlamaProjectors
+from .emotion_llama.prompt import PromptEncoder
+from .run_config import ADAPTER_DIR, PROJECTORS_FILE, RunConfig
+from .textfiles import load_json
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainedModel:
+    """A model rebuilt by :func:`load_trained`: the wrapper (eval mode), its prompt encoder, the run configuration."""
+
+    model: EmotionLlama
+    encoder: PromptEncoder
+    run_config: RunConfig
+
+
+def check_adapter_dir(directory: Path) -> None:
+    """Refuse an adapter folder whose ``adapter_config.json`` PEFT would fail on with a bare ``KeyError`` or
+    ``JSONDecodeError``: missing, invalid JSON, no ``peft_type`` or one PEFT does not know."""
+    config_file = directory / CONFIG_NAME
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} does not exist: {directory} holds no saved adapter.")
+    config = load_json(config_file)
+    if not isinstance(config, dict) or "peft_type" not in config:
+        raise ValueError(f"{config_file} has no 'peft_type': it is not the configuration of a saved PEFT adapter.")
+    if config["peft_type"] not in PEFT_TYPE_TO_CONFIG_MAPPING:
+        known = ", ".join(sorted(str(getattr(k, "value", k)) for k in PEFT_TYPE_TO_CONFIG_MAPPING))
+        raise ValueError(
+            f"{config_file}: unknown peft_type {config['peft_type']!r} (known: {known}; MOSE needs `import peft_mose`)."
+        )
+
+
+def check_trained_weights(directory: Path) -> None:
+    """Refuse a folder (a run, or one of its checkpoints) without both trained parts, ``adapter/`` and
+    ``projectors.safetensors``, or with an adapter configuration PEFT cannot read (:func:`check_adapter_dir`)."""
+    missing = [p for p in (directory / ADAPTER_DIR, directory / PROJECTORS_FILE) if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"{directory} holds no trained model: {', '.join(map(str, missing))} missing.")
+    check_adapter_dir(directory / ADAPTER_DIR)
+
+
+def load_base_llm(model_path: str | Path, lora_checkpoint: str | Path | None) -> torch.nn.Module:
+    """The frozen LLM that MoSE is added to: ``model_path``, with the LoRA of ``lora_checkpoint`` merged in when
+    given (its load report is logged)."""
+    llm = load_llm(model_path)
+    if lora_checkpoint is None:
+        return llm
+    llm, report = merge_lora_checkpoint(llm, lora_checkpoint)
+    logger.info("%s", report.summary())
+    return llm
+
+
+def load_trained(
+    output_dir: str | Path, weights_dir: str | Path | None = None, model_name_or_path: str | Path | None = None
+) -> TrainedModel:
+    """Rebuild a trained model from a run folder: its :class:`~mosear_recipes.run_config.RunConfig` (base model,
+    feature spec, audio repeat) and the adapter and projectors of ``weights_dir`` (default ``output_dir``: the final
+    model; a checkpoint also works), on the base model the run trained (its checkpoint's LoRA merged in if the run
+    merged it). ``model_name_or_path`` replaces the recorded base model folder."""
+    output_dir = Path(output_dir)
+    run_config = RunConfig.read(output_dir)
+    weights = Path(weights_dir) if weights_dir is not None else output_dir
+    check_trained_weights(weights)
+    model_path = model_name_or_path or run_config.model_name_or_path
+    tokenizer = load_tokenizer(model_path)
+    spec = run_config.feature_spec
+    base = load_base_llm(model_path, run_config.merged_lora_checkpoint)
+    llm = PeftModel.from_pretrained(base, str(weights / ADAPTER_DIR))
+    projectors = EmotionLlamaProjectors.from_spec(spec, llm.config.hidden_size)
+    load_projectors(projectors, weights / PROJECTORS_FILE)
+    model = EmotionLlama(llm, projectors, tokenizer.pad_token_id).eval()
+    encoder = PromptEncoder(tokenizer, spec.n_patch_tokens, audio_repeat=run_config.audio_repeat)
+    return TrainedModel(model=model, encoder=encoder, run_config=run_config)
