@@ -63,6 +63,8 @@ class ModalityContext:
     memos: Memos = field(default_factory=Memos, repr=False)
     tokens: ModalityTokens | None = None
     """The model's placeholder tokens: with no ids given, the ids are read off the first forward's ``input_ids``."""
+    left_out: Tensor | None = None
+    """Positions of a hand-driven call that its forwards count as padding though the model sees them."""
 
 
 CallStart = Callable[[ModalityContext, tuple, dict], None]
@@ -145,13 +147,16 @@ class ContextScope:
                 post.remove()
 
     @contextlib.contextmanager
-    def layer_call(self, modality_ids: Tensor) -> Iterator[ModalityContext]:
+    def layer_call(self, modality_ids: Tensor, left_out: Tensor | None = None) -> Iterator[ModalityContext]:
         """A call driven by hand over ``modality_ids`` (``[batch, seq]``, every position real): MoSE layers called
         directly (one prefill), or extra forwards of the model made while a call is open (the conflict gate's
-        probes), each covering exactly these positions, which leave the open call as it was."""
+        probes), each covering exactly these positions, which leave the open call as it was. ``left_out`` (bool
+        ``[batch, seq]``): positions the forwards see but count as padding (the gate's masked modality)."""
         validate_modality_ids(modality_ids)
         ids = modality_ids.long()
-        context = ModalityContext(CallKind.FORWARD, modality_ids, needs_grad=torch.is_grad_enabled())
+        context = ModalityContext(
+            CallKind.FORWARD, modality_ids, needs_grad=torch.is_grad_enabled(), left_out=left_out
+        )
         context.forward = ForwardPositions(ids, torch.ones_like(ids, dtype=torch.bool), 0, ids.shape[1])
         with self._opened(context):
             yield context
@@ -236,10 +241,13 @@ class ContextScope:
         if record is not None:
             context.memos.seed(record.memos)
         cached_prompt = None if record is None else record.modality_ids
-        return forward_positions(
+        positions = forward_positions(
             context.modality_ids, context.kind, cached_prompt, batch, new=new, past=past,
             attention_mask=kwargs.get("attention_mask"), device=inputs.device,
         )
+        if context.left_out is not None:
+            positions.valid = positions.valid & ~context.left_out.to(positions.valid.device)
+        return positions
 
 
 def check_prompt(context: ModalityContext, args: tuple, kwargs: dict) -> None:

@@ -398,10 +398,16 @@ def _gate_call_start(active: _Active, probe: nn.Module) -> Callable[[ModalityCon
     def start(context: ModalityContext, args: tuple, kwargs: dict) -> None:
         if _SUSPENDED.get() or _ACTIVE.get(probe) is not active or context.forward is None:
             return
-        inputs = gate_inputs(active.target, context.forward, args, kwargs)
+        ids = context.forward.modality_ids
+
+        def run(keywords: dict[str, Any], left_out: Tensor) -> Any:
+            with active.scope.layer_call(ids, left_out=left_out):
+                return active.target(**keywords, use_cache=False)
+
+        inputs = gate_inputs(active.target, context.forward, args, kwargs, run)
         token = _SUSPENDED.set(True)
         try:
-            with torch.no_grad(), active.scope.layer_call(inputs.modality_ids):
+            with torch.no_grad():
                 decisions = active.settings.gate(inputs)
         finally:
             _SUSPENDED.reset(token)
@@ -409,6 +415,25 @@ def _gate_call_start(active: _Active, probe: nn.Module) -> Callable[[ModalityCon
         active.gate_decisions.append(decisions)
 
     return start
+
+
+def _leave_out(context: ModalityContext | None, mask: Tensor | None, query: Tensor, key: Tensor) -> Tensor | None:
+    """``mask`` with the keys of the positions a gate probe leaves out masked too (the probe's context marks them
+    invalid), or ``mask`` itself outside a probe."""
+    positions = None if context is None or context.left_out is None else context.forward
+    if positions is None:
+        return mask
+    q_len, k_len = query.shape[2], key.shape[2]
+    columns = torch.arange(k_len, device=query.device)
+    rows = columns[k_len - q_len :, None]
+    # a left-out token still attends to itself (a row with no key would give NaNs), but no other token sees it
+    keys = nn.functional.pad(positions.valid, (0, k_len - positions.valid.shape[1]), value=False)[:, None, None, :]
+    allowed = keys | (columns == rows)
+    if mask is None:
+        return allowed & (columns <= rows)
+    if mask.dtype == torch.bool:
+        return mask & allowed
+    return mask.masked_fill(~allowed, torch.finfo(mask.dtype).min)
 
 
 @functools.cache
@@ -433,6 +458,8 @@ def _make_attention(base: str) -> Callable:
         scaling: float | None = None, dropout: float = 0.0, **kwargs: Any,
     ) -> tuple[Tensor, Tensor | None]:
         active = _ACTIVE.get(module)
+        if active is not None and _SUSPENDED.get():
+            attention_mask = _leave_out(active.scope.current(), attention_mask, query, key)
         if active is None or _SUSPENDED.get():
             return _base_function(base, module)(
                 module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs

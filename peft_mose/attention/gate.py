@@ -5,8 +5,9 @@ only where it detects a modality conflict. With ``attention_reallocation(model, 
 every call made in the block starts with a *probe* of its prompt, and AR then acts only on the samples the probe
 flags; the others are computed exactly as without AR.
 
-The default probe (:class:`LabelConflictDetector`) runs two extra forwards of the prompt, one with the audio tokens
-and one with the visual tokens masked out of attention (zeros in the 2-D attention mask, positions kept), and reads
+The default probe (:class:`LabelConflictDetector`) runs two extra forwards of the call's inputs, one with the audio
+tokens and one with the visual tokens left out (nobody attends to them; the model's own positions, images and audio
+kept), and reads
 each sample's next-token distribution at its response row restricted to the first tokens of the emotion labels. A
 sample is in conflict when the two distributions disagree: different top-1 labels, or a Jensen-Shannon divergence
 above the threshold. Any callable following :class:`ConflictDetector` can replace it.
@@ -16,12 +17,13 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
+from transformers import Cache
 
 from .._compat.transformers import call_input
 from ..positions import ForwardPositions
@@ -37,44 +39,58 @@ DEFAULT_GATE_THRESHOLD = 0.05
 class GateInputs:
     """What a detector knows about the first forward (the prefill) of one call, and how it runs extra forwards.
 
-    The gate calls its detector with AR off, nothing recorded and a context of its own, so these forwards leave the
-    call alone (a MoSE model routes them by ``modality_ids`` like the call, the masked tokens left out as padding is).
+    An extra forward is the model's own forward of the call's inputs (prompt, images, video, audio, their grids and
+    masks, the call's positions: mRoPE ones included), with some positions left out: nobody attends to them and MoSE
+    leaves them out as it does padding. The gate runs it with AR off, nothing recorded and a context of its own, so it
+    leaves the call alone.
     """
 
     model: nn.Module
     """The transformers model (a MoSE model's base model, adapters included)."""
-    inputs: dict[str, Tensor]
-    """The prompt: ``{"input_ids": [batch, seq]}`` or ``{"inputs_embeds": [batch, seq, hidden]}``."""
+    inputs: dict[str, Any]
+    """The first forward's keywords without its cache: ``input_ids`` or ``inputs_embeds`` ``[batch, seq]`` and every
+    other input of the model (``attention_mask``, ``pixel_values``, ``image_grid_thw``, ``input_features``, ...)."""
     modality_ids: Tensor
     """``[batch, seq]`` (batch expanded for beams, like the inputs)."""
     valid: Tensor
     """The real (non-padding) positions, ``[batch, seq]``."""
-    position_ids: Tensor
-    """The forward's own ``position_ids``, else counted over the real positions (as ``generate`` does)."""
     response_rows: Tensor
     """Each sample's last real prompt position (its row produces the first response token), ``[batch]``."""
+    run: Callable[[dict[str, Any], Tensor], Any] = field(repr=False)
+    """``run(keywords, left_out)``: the model's forward with the positions ``left_out`` (bool ``[batch, seq]``) left
+    out, without a cache."""
 
     def has(self, modality: Modality) -> Tensor:
         """Whether each sample has a real token of ``modality``, ``[batch]``."""
         return (self.valid & (self.modality_ids == int(modality))).any(1)
 
     def response_logits(self, attention_mask: Tensor) -> Tensor:
-        """The logits ``[batch, vocab]`` at each sample's response row of one forward of the prompt under the 2-D
-        ``attention_mask`` (zeros: keys nobody attends to), at the prompt's positions, without a cache."""
-        kwargs: dict[str, Any] = dict(self.inputs, attention_mask=attention_mask.long(), position_ids=self.position_ids)
+        """The logits ``[batch, vocab]`` at each sample's response row of one forward of the call's inputs in which
+        only the positions where the 2-D ``attention_mask`` is nonzero take part (the others are left out)."""
+        kwargs = dict(self.inputs)
         rows = self.response_rows
         if "logits_to_keep" in inspect.signature(self.model.forward).parameters:
             keep, rows = torch.unique(rows, return_inverse=True)
             kwargs["logits_to_keep"] = keep
-        logits = self.model(**kwargs, use_cache=False).logits
+        logits = self.run(kwargs, self.valid & ~attention_mask.bool()).logits
         return logits[torch.arange(logits.shape[0], device=logits.device), rows]
 
     def without(self, modality: Modality) -> Tensor:
-        """:meth:`response_logits` with every token of ``modality`` masked out of attention."""
+        """:meth:`response_logits` with every token of ``modality`` left out."""
         return self.response_logits(self.valid & (self.modality_ids != int(modality)))
 
 
-def gate_inputs(model: nn.Module, positions: ForwardPositions, args: tuple, kwargs: dict) -> GateInputs:
+# Keywords of a forward that concern its cache or its outputs, not its inputs: a probe sets its own.
+_NOT_INPUTS = frozenset({
+    "cache", "past_key_values", "use_cache", "cache_position", "logits_to_keep", "return_dict", "output_attentions",
+    "output_hidden_states", "labels", "modality_ids",
+})
+
+
+def gate_inputs(
+    model: nn.Module, positions: ForwardPositions, args: tuple, kwargs: dict,
+    run: Callable[[dict[str, Any], Tensor], Any],
+) -> GateInputs:
     """The :class:`GateInputs` of a call from its first forward's arguments and ``positions``; ``ValueError`` for a
     forward that continues a cache (its prompt ran in an earlier call)."""
     if not positions.prefill:
@@ -84,13 +100,13 @@ def gate_inputs(model: nn.Module, positions: ForwardPositions, args: tuple, kwar
             "whole sequence without a cache."
         )
     ids, valid = positions.modality_ids, positions.valid
-    given = kwargs.get("position_ids")
-    positions = given if isinstance(given, Tensor) and given.shape == ids.shape else (valid.cumsum(1) - 1).clamp_min(0)
     columns = torch.arange(ids.shape[1], device=ids.device)
     last = torch.where(valid & (ids != int(Modality.ANSWER)), columns, -1).amax(1).clamp_min(0)
     prompt = call_input(args, kwargs)
     name = "inputs_embeds" if prompt.is_floating_point() else "input_ids"
-    return GateInputs(model, {name: prompt}, ids, valid, positions, last)
+    inputs = {k: v for k, v in kwargs.items() if k not in _NOT_INPUTS and not isinstance(v, Cache)}
+    inputs[name] = prompt
+    return GateInputs(model, inputs, ids, valid, last, run)
 
 
 @dataclass
