@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable
 
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import INCLUDE_LINEAR_LAYERS_SHORTHAND
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -85,8 +86,12 @@ def _inside(name: str, prefix: str) -> bool:
 
 
 def _linear_layers(model: nn.Module, prefix: str) -> list[str]:
-    """Full names of the linear and ``Conv1D`` layers of the language model at ``prefix``."""
-    return [
-        name for name, module in model.named_modules()
-        if name != prefix and _inside(name, prefix) and isinstance(module, (nn.Linear, Conv1D))
-    ]
+    """Full names of the linear and ``Conv1D`` layers of the language model at ``prefix``; a layer an adapter already
+    wraps counts under its own name (not its ``base_layer``)."""
+    found: list[str] = []
+    for name, module in model.named_modules():
+        if name == prefix or not _inside(name, prefix) or any(name.startswith(f + ".") for f in found):
+            continue
+        if isinstance(module, (nn.Linear, Conv1D, BaseTunerLayer)):
+            found.append(name)
+    return found

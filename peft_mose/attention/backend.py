@@ -96,6 +96,7 @@ class _Reallocate:
     """AR (Eq. 5-14, threshold ``tau``) on the response rows of the samples the gate flags."""
 
     tau: float
+    needs = (Modality.VISUAL, Modality.AUDIO)
 
     @property
     def changes_attention(self) -> bool:
@@ -120,6 +121,7 @@ class _AmplifyVisualWeights:
 
     alpha: float
     changes_attention = True
+    needs = (Modality.VISUAL,)
 
     def __call__(self, scores: Tensor, bias: Tensor | None, weights: Tensor, keys: _KeyMasks) -> Tensor:
         return amplify_visual_weights(weights, keys.visual, self.alpha)
@@ -131,6 +133,7 @@ class _AmplifyVisualLogits:
 
     alpha: float
     changes_attention = True
+    needs = (Modality.VISUAL,)
 
     def __call__(self, scores: Tensor, bias: Tensor | None, weights: Tensor, keys: _KeyMasks) -> Tensor:
         boosted = amplify_visual_logits(scores, keys.visual, self.alpha)
@@ -241,10 +244,10 @@ def _response_rows(positions: ForwardPositions, memo: _ForwardMemo) -> Tensor:
 
 def _key_masks(
     positions: ForwardPositions, batch: int, q_len: int, k_len: int, all_rows: bool, record: bool,
-    gated: Tensor | None,
+    gated: Tensor | None, needs: tuple[Modality, ...],
 ) -> _KeyMasks:
     memo = positions.memos.get(_ForwardMemo)
-    key = (all_rows, record, k_len)
+    key = (all_rows, record, k_len, needs)
     if key in memo.key_masks:
         return memo.key_masks[key]
     total = positions.past_length + positions.new_length
@@ -262,6 +265,8 @@ def _key_masks(
     selected = positions.valid if all_rows else _response_rows(positions, memo)
     if gated is not None:
         selected = selected & gated[:, None]
+    for needed in needs:  # a sample without a modality the rule acts on keeps the base rows, bit for bit
+        selected = selected & (visual if needed is Modality.VISUAL else audio).any(1, keepdim=True)
     recorded = _select_rows(positions.new(_response_rows(positions, memo))) if record else None
     masks = memo.key_masks[key] = _KeyMasks(
         modality_ids=ids,
@@ -350,7 +355,10 @@ def _attend(
     if dropout > 0:
         raise ValueError("Attention reallocation is an inference-time method; call model.eval() (dropout > 0).")
     gated = _gated(settings, context, positions)
-    keys = _key_masks(positions, query.shape[0], query.shape[2], key.shape[2], settings.rows == "all", record, gated)
+    keys = _key_masks(
+        positions, query.shape[0], query.shape[2], key.shape[2], settings.rows == "all", record, gated,
+        active.rule.needs,
+    )
 
     if record and keys.recorded is not None:
         scores, bias, before = _row_weights(module, query, key, mask, scaling, keys.recorded, kwargs)
