@@ -239,11 +239,12 @@ class MoSELayer(BaseTunerLayer):
         context = self.scope.current() if self.scope is not None else None
         # any input [..., features]: the first dim is the batch, the others are tokens (a 1-D input is one token);
         # with a context the input is the model's [batch, seq, features]
-        if context is None or context.forward is None:
+        reshaped = context is None or context.forward is None
+        if reshaped:
             x = x.reshape(1 if x.dim() < 2 else x.shape[0], -1, x.shape[-1])
         for name in active:
             delta = self.mose_variant[name].delta(self, name, x, context)
-            if delta.shape != result.shape:
+            if reshaped:
                 delta = delta.reshape(result.shape)
             result = result + (delta if delta.dtype == result.dtype else delta.to(result.dtype))
         return result
