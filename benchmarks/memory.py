@@ -198,7 +198,8 @@ def report(rows: list[Row]) -> str:
         lora = next(r for r in rows if (r.base, r.checkpointing, r.adapter) == (row.base, row.checkpointing, "lora"))
         lines.append(f"{row.base:5} {row.adapter:7} {str(row.checkpointing):5} {row.trainable_params / 1e6:9.1f}M "
                      f"{row.weight_bytes / gib:8.2f} {row.gradient_bytes / gib:7.2f} {row.optimizer_bytes / gib:7.2f} "
-                     f"{row.activation_bytes / gib:7.2f} {row.peak_bytes / gib:8.2f} {row.peak_bytes / lora.peak_bytes:7.3f}")
+                     f"{row.activation_bytes / gib:7.2f} {row.peak_bytes / gib:8.2f} "
+                     f"{row.peak_bytes / lora.peak_bytes:7.3f}")
     return "\n".join(lines)
 
 

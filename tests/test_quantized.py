@@ -143,9 +143,9 @@ def test_a_no_grad_eval_forward_stops_4bit_training_on_avx512_bf16_cpus(checkpoi
     grad (any forward under ``torch.no_grad()`` after ``model.eval()``: a validation or probe forward) repacks the
     layer's weight in place into a CPU inference layout (``weight.quant_state.packing_format_for_cpu = True``) and
     keeps it. From then on ``bnb.matmul_4bit`` calls the custom op ``bitsandbytes::gemv_4bit``, which has no autograd
-    kernel: torch warns once and backpropagates nothing through it (no gradient, not even zeros). Every path from an adapter to the loss crosses a
-    4-bit o_proj/down_proj, so no adapter receives a gradient, AdamW changes nothing, the loss stays flat. Saving the
-    base's state dict or moving it to CUDA unpacks the weight; so does nothing in training. Setting
+    kernel: torch warns once and backpropagates nothing through it (no gradient, not even zeros). Every path from an
+    adapter to the loss crosses a 4-bit o_proj/down_proj, so no adapter receives a gradient, AdamW changes nothing,
+    the loss stays flat. Only saving the base's state dict or moving it to CUDA unpacks the weight. Setting
     ``support_avx512bf16_for_cpu = False`` on every Linear4bit before the first eval forward avoids it.
     On a CPU without AVX512-BF16 (or on CUDA) nothing is repacked and training goes on.
     """
