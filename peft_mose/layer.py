@@ -112,7 +112,7 @@ class MoSELayer(BaseTunerLayer):
         self.merged_adapters = []
         self.scope = scope
         self.layer_name = layer_name
-        self.in_features, self.out_features = _layer_dims(base_layer)
+        self.in_features, self.out_features = _layer_dims(base_layer, layer_name)
 
     def update_layer(self, adapter_name: str, config: MoSEConfig) -> None:
         """Create (or re-create) the parameters of ``adapter_name`` from ``config``."""
@@ -368,16 +368,18 @@ def _isin(ids: torch.Tensor, values: frozenset[int]) -> torch.Tensor:
     return torch.isin(ids, torch.tensor(sorted(values), dtype=ids.dtype, device=ids.device))
 
 
-def _layer_dims(layer: nn.Module) -> tuple[int, int]:
-    """``(in_features, out_features)``, also for ZeRO-3 partitioned weights (``ds_shape``)."""
+def _layer_dims(layer: nn.Module, name: str) -> tuple[int, int]:
+    """``(in_features, out_features)``, also for ZeRO-3 partitioned weights (``ds_shape``) and quantized ``nn.Linear``
+    subclasses (bitsandbytes, whose packed weight has another shape; torchao's weight subclasses)."""
     if isinstance(layer, nn.Linear):
         return layer.in_features, layer.out_features
     if isinstance(layer, Conv1D):
         shape = getattr(layer.weight, "ds_shape", None) or layer.weight.shape
         return int(shape[0]), int(shape[1])
     raise ValueError(
-        f"MoSE can adapt torch.nn.Linear and transformers Conv1D layers, got {type(layer).__name__}. "
-        "Choose other `target_modules`."
+        f"MoSE can adapt torch.nn.Linear and transformers Conv1D layers, got {type(layer).__name__} at '{name}'. "
+        "Quantized bases work when their layers stay nn.Linear: bitsandbytes 4-bit/8-bit (BitsAndBytesConfig) and "
+        "torchao weight-only (TorchAoConfig); see docs/quantization.md. Choose other `target_modules`."
     )
 
 

@@ -99,3 +99,13 @@ def extensions_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.Temp
         return os.environ["TORCH_EXTENSIONS_DIR"]
     cache = getattr(request.config, "cache", None)
     return str(cache.mkdir("torch_extensions") if cache is not None else tmp_path_factory.mktemp("torch_extensions"))
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked ``gpu`` skip where CUDA is not available (benchmarks/gpu.sh runs them on a GPU machine)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,224 @@
+"""Peak memory of one stage-1 training step at LLaMA-2-7B's shape: bf16 or 4-bit NF4 base, LoRA or MoSE (r=64, N=2,
+q_proj/v_proj), with and without gradient checkpointing.
+
+    python benchmarks/memory.py [--quick] [--json PATH] [--device cpu|cuda]
+
+On CPU: weights, gradients and AdamW's two moments are computed exactly by building the model on the meta device and
+counting (4-bit weights from bitsandbytes' NF4 layout with double quantization); activations (the bytes autograd
+saves, distinct storages) are measured on real tensors for models of 1 and 2 decoder layers at the real width and
+vocabulary and scaled to 32 layers (per layer = the difference, the rest = embedding, head and loss). The peak is
+their sum, an upper bound (all of them held at once). On CUDA: ``torch.cuda.max_memory_allocated`` over a real step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from peft_mose import MoSEConfig
+
+LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=32, vocab_size=32000)
+QUICK = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=4, vocab_size=512)
+# Emotion-LLaMA's stage-1 sample: 20 text, 258 visual, 1 audio, 1 visual (CLS), 40 text tokens; batch 1 per GPU
+SEQ_LEN, BATCH = 320, 1
+RANK, N_EXPERTS, TARGETS = 64, 2, ["q_proj", "v_proj"]
+QUANTIZED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+NF4_BLOCK, ABSMAX_BLOCK = 64, 256  # bitsandbytes: 64 weights per absmax; double quant: 256 absmax per fp32 scale
+
+
+@dataclass
+class Row:
+    """One configuration's bytes; ``activations`` and ``peak`` are estimated on CPU, measured on CUDA."""
+
+    base: str
+    adapter: str
+    checkpointing: bool
+    trainable_params: int
+    weight_bytes: int
+    gradient_bytes: int
+    optimizer_bytes: int
+    activation_bytes: int
+    peak_bytes: int
+
+
+def nf4_bytes(numel: int, double_quant: bool = True) -> int:
+    """Bytes of one bitsandbytes NF4 weight: two weights per byte, one absmax per 64 (fp32, or 8-bit with one fp32
+    scale per 256 absmax, a 256-entry fp32 code and an fp32 offset under double quantization)."""
+    blocks = -(-numel // NF4_BLOCK)
+    if not double_quant:
+        return -(-numel // 2) + 4 * blocks
+    return -(-numel // 2) + blocks + 4 * -(-blocks // ABSMAX_BLOCK) + 4 * 256 + 4
+
+
+def adapted(model: torch.nn.Module, adapter: str) -> torch.nn.Module:
+    """``model`` with LoRA or MoSE at the paper's rank on q_proj/v_proj (fp32 adapter weights, PEFT's default)."""
+    if adapter == "lora":
+        return get_peft_model(model, LoraConfig(r=RANK, lora_alpha=16, lora_dropout=0.05, target_modules=TARGETS))
+    return get_peft_model(model, MoSEConfig(r=RANK, n_experts=N_EXPERTS, lora_dropout=0.05, target_modules=TARGETS))
+
+
+def counted_bytes(shape: dict, base: str, adapter: str) -> dict[str, int]:
+    """Weights (frozen bf16 or NF4, trainable fp32), gradients and AdamW moments, counted on the meta device."""
+    with torch.device("meta"):
+        model = adapted(LlamaForCausalLM(LlamaConfig(**shape, dtype=torch.bfloat16)).to(torch.bfloat16), adapter)
+    weights = trainable = trainable_bytes = 0
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            trainable += param.numel()
+            trainable_bytes += param.numel() * param.element_size()
+        elif base == "nf4" and _quantized(name):
+            weights += nf4_bytes(param.numel())
+        else:
+            weights += param.numel() * param.element_size()
+    return {"trainable_params": trainable, "weight_bytes": weights + trainable_bytes,
+            "gradient_bytes": trainable_bytes, "optimizer_bytes": 2 * trainable_bytes}
+
+
+def _quantized(name: str) -> bool:
+    """Whether a parameter is the weight of a decoder linear that a 4-bit base quantizes (embeddings, norms and the
+    output layer stay bf16, as with transformers' ``BitsAndBytesConfig``)."""
+    parts = name.split(".")
+    owner = parts[-3] if parts[-2] == "base_layer" else parts[-2]
+    return parts[-1] == "weight" and owner in QUANTIZED
+
+
+def quantize_nf4(model: torch.nn.Module) -> torch.nn.Module:
+    """Replace the decoder linears by bitsandbytes NF4 layers (double quant, bf16 compute), quantized where they are."""
+    import bitsandbytes as bnb
+
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, linear in list(parent.named_children()):
+                if name in QUANTIZED:
+                    q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=False,
+                                          compute_dtype=torch.bfloat16, quant_type="nf4", compress_statistics=True)
+                    q.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type="nf4",
+                                                 compress_statistics=True).to(linear.weight.device)
+                    setattr(parent, name, q)
+    return model
+
+
+def build(shape: dict, layers: int, base: str, device: str) -> torch.nn.Module:
+    """A random Llama of ``layers`` decoder layers at ``shape``'s width, bf16 or NF4, on ``device``."""
+    config = LlamaConfig(**{**shape, "num_hidden_layers": layers}, use_cache=False)
+    model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16).to(device)
+    return quantize_nf4(model) if base == "nf4" else model
+
+
+def step_inputs(shape: dict, device: str) -> dict[str, torch.Tensor]:
+    ids = torch.randint(3, shape["vocab_size"], (BATCH, SEQ_LEN), generator=torch.Generator().manual_seed(0))
+    return {"input_ids": ids.to(device), "labels": ids.to(device)}
+
+
+def saved_bytes(model: torch.nn.Module, inputs: dict) -> int:
+    """Bytes autograd saves for backward in one forward (distinct storages, the model's own tensors left out)."""
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(**inputs)
+    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    return sum(n for ptr, n in storages.items() if ptr not in own)
+
+
+def estimated_activations(shape: dict, base: str, adapter: str) -> dict[bool, int]:
+    """Saved bytes of a 32-layer step, without and with checkpointing, from 1- and 2-layer models on CPU. With
+    (non-reentrant) checkpointing each layer keeps its input, and backward recomputes one layer at a time."""
+    inputs, measured = step_inputs(shape, "cpu"), {}
+    for layers in (1, 2):
+        model = adapted(build(shape, layers, base, "cpu"), adapter).train()
+        for checkpointing in (False, True):
+            if checkpointing:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            measured[layers, checkpointing] = saved_bytes(model, inputs)
+        del model
+    hidden = BATCH * SEQ_LEN * shape["hidden_size"] * 2
+    out = {}
+    for checkpointing in (False, True):
+        per_layer = measured[2, checkpointing] - measured[1, checkpointing]
+        rest = measured[1, checkpointing] - per_layer
+        out[checkpointing] = rest + shape["num_hidden_layers"] * (per_layer + hidden * checkpointing)
+    out[True] += measured[2, False] - measured[1, False]  # the layer being recomputed
+    return out
+
+
+def cuda_peak(shape: dict, base: str, adapter: str, checkpointing: bool) -> int:
+    """``torch.cuda.max_memory_allocated`` over one AdamW train step of the whole model."""
+    model = adapted(build(shape, shape["num_hidden_layers"], base, "cuda"), adapter).train()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    inputs = step_inputs(shape, "cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    model(**inputs).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    del model, optimizer
+    torch.cuda.empty_cache()
+    return peak
+
+
+def table(shape: dict, device: str) -> list[Row]:
+    rows = []
+    for base in ("bf16", "nf4"):
+        for adapter in ("lora", "mose"):
+            counted = counted_bytes(shape, base, adapter)
+            fixed = counted["weight_bytes"] + counted["gradient_bytes"] + counted["optimizer_bytes"]
+            activations = estimated_activations(shape, base, adapter) if device == "cpu" else None
+            for checkpointing in (False, True):
+                if device == "cpu":
+                    saved, peak = activations[checkpointing], fixed + activations[checkpointing]
+                else:
+                    peak = cuda_peak(shape, base, adapter, checkpointing)
+                    saved = peak - fixed
+                rows.append(Row(base, adapter, checkpointing, activation_bytes=saved, peak_bytes=peak, **counted))
+    return rows
+
+
+def report(rows: list[Row]) -> str:
+    gib = 2**30
+    lines = [f"{'base':5} {'adapter':7} {'ckpt':5} {'trainable':>10} {'weights':>8} {'grads':>7} {'adamw':>7} "
+             f"{'activ.':>7} {'peak GiB':>8} {'vs LoRA':>7}"]
+    for row in rows:
+        lora = next(r for r in rows if (r.base, r.checkpointing, r.adapter) == (row.base, row.checkpointing, "lora"))
+        lines.append(f"{row.base:5} {row.adapter:7} {str(row.checkpointing):5} {row.trainable_params / 1e6:9.1f}M "
+                     f"{row.weight_bytes / gib:8.2f} {row.gradient_bytes / gib:7.2f} {row.optimizer_bytes / gib:7.2f} "
+                     f"{row.activation_bytes / gib:7.2f} {row.peak_bytes / gib:8.2f} "
+                     f"{row.peak_bytes / lora.peak_bytes:7.3f}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a tiny shape: a smoke run")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", type=Path, help="also write the rows to this file")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    shape = QUICK if args.quick else LLAMA2_7B
+    rows = table(shape, args.device)
+    print(f"one stage-1 step, batch {BATCH} x {SEQ_LEN} tokens, r={RANK}, N={N_EXPERTS}, {'+'.join(TARGETS)}, AdamW; "
+          f"activations and peak {'measured' if args.device == 'cuda' else 'estimated (upper bound)'} on {args.device}")
+    print(report(rows))
+    if args.json:
+        args.json.write_text(json.dumps({"device": args.device, "shape": shape, "batch": BATCH, "seq_len": SEQ_LEN,
+                                         "rows": [asdict(r) for r in rows]}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
