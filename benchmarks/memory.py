@@ -109,7 +109,8 @@ def quantize_nf4(model: torch.nn.Module) -> torch.nn.Module:
 def build(shape: dict, layers: int, base: str, device: str) -> torch.nn.Module:
     """A random Llama of ``layers`` decoder layers at ``shape``'s width, bf16 or NF4, on ``device``."""
     config = LlamaConfig(**{**shape, "num_hidden_layers": layers}, use_cache=False)
-    model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16).to(device)
+    with torch.device(device):  # initialised where it runs: a 7B random init on the CPU takes minutes
+        model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
     return quantize_nf4(model) if base == "nf4" else model
 
 
