@@ -20,6 +20,7 @@ from peft_mose.metrics import resolve_labels
 
 from .distributed import share_cpu_deepspeed_state
 from .merr.tasks import parse_tasks
+from .quantization import QUANTIZATIONS
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 TINY_CONFIG = CONFIG_DIR / "tiny.yaml"
@@ -56,6 +57,11 @@ class ModelArguments:
             "MoSE: the paper's starting point. With --init_from the checkpoint is read for this LoRA only."
         },
     )
+    quantization: str = field(
+        default="none",
+        metadata={"help": "The frozen LLM's weights: none, 4bit (bitsandbytes NF4 with double quantization, bf16 "
+                          "compute) or 8bit (bitsandbytes LLM.int8); the adapters stay float32 (docs/quantization.md)."},
+    )  # fmt: skip
     init_from: str | None = field(
         default=None,
         metadata={"help": "A run folder (or checkpoint) whose adapter and projectors start this run: stage fine "
@@ -301,6 +307,15 @@ def check_args(config: FinetuneConfig) -> None:
             "--merge_checkpoint_lora merges the LoRA of --projector_checkpoint: give that checkpoint "
             "(minigptv2_checkpoint.pth)."
         )
+    if model.quantization not in QUANTIZATIONS:
+        raise ValueError(f"--quantization must be one of {list(QUANTIZATIONS)}, got {model.quantization!r}.")
+    if model.quantization != "none" and model.merge_checkpoint_lora:
+        raise ValueError("--merge_checkpoint_lora merges a LoRA into the LLM's weights, which a quantized LLM "
+                         "(--quantization) cannot hold exactly: merge it into a bf16 copy first, or use "
+                         "--quantization none.")  # fmt: skip
+    if model.quantization != "none" and args.deepspeed:
+        raise ValueError("--quantization (bitsandbytes) does not shard under DeepSpeed ZeRO: run it with one "
+                         "process per GPU (accelerate/torchrun DDP) or without --deepspeed.")  # fmt: skip
     if data.stage not in STAGE_TASKS:
         raise ValueError(f"--stage must be one of {list(STAGE_TASKS)}, got {data.stage!r}.")
     for option, labels in (("--labels", data.labels), ("--eval_labels", data.eval_labels)):

@@ -49,7 +49,7 @@ def build_model(
     """The frozen LLM (with the checkpoint's LoRA merged in under ``--merge_checkpoint_lora``) with a MoSE adapter,
     plus trainable projectors; initialised from ``init_dir`` (adapter and projectors) when given, else the projectors
     from ``--projector_checkpoint`` when given."""
-    base = load_base_llm(model_path, merged_lora(model_args))
+    base = load_base_llm(model_path, merged_lora(model_args), model_args.quantization)
     llm = get_peft_model(base, model_args.mose_config())
     projectors = EmotionLlamaProjectors.from_spec(spec, llm.config.hidden_size)
     model = EmotionLlama(llm, projectors, tokenizer.pad_token_id)

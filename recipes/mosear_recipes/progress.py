@@ -32,7 +32,7 @@ class TrainingProgressError(RuntimeError):
 
 
 class TrainingProgressCallback(TrainerCallback):
-    """After the first ``steps`` optimizer steps, raise :class:`TrainingProgressError` if no trainable parameter got
+    """After the first ``steps`` optimizer steps of a training session (a resumed run's too), raise :class:`TrainingProgressError` if no trainable parameter got
     a non-zero gradient or none changed. Under DeepSpeed (gradients not on ``.grad``) only the change is checked."""
 
     def __init__(self, steps: int = 2) -> None:
@@ -52,15 +52,17 @@ class TrainingProgressCallback(TrainerCallback):
         self._start = {name: _fingerprint(p) for name, p in self._params.items()}
         self._gradient = bool(args.deepspeed)  # ZeRO keeps gradients in its own buffers: only the change is checked
         self._checked = False
+        self._seen = 0  # optimizer steps of this training session (a resumed run is checked afresh)
 
     def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                               **kwargs) -> None:
-        if not self._gradient and state.global_step < self.steps:
+        if not self._gradient and self._seen < self.steps:
             self._gradient = any(p.grad is not None and bool(p.grad.any()) for p in self._params.values())
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None,
                     optimizer=None, **kwargs) -> None:
-        if self._checked or state.global_step < self.steps:
+        self._seen += 1
+        if self._checked or self._seen < self.steps:
             return
         self._checked = True
         repacked = _bnb_cpu_repacked_layers(model)

@@ -17,6 +17,7 @@ from .emotion_llama.checkpoint import load_projectors, merge_lora_checkpoint
 from .emotion_llama.model import EmotionLlama, load_llm, load_tokenizer
 from .emotion_llama.projectors import EmotionLlamaProjectors
 from .emotion_llama.prompt import PromptEncoder
+from .quantization import prepare_for_training, quantization_config
 from .run_config import ADAPTER_DIR, PROJECTORS_FILE, RunConfig
 from .textfiles import load_json
 
@@ -57,10 +58,15 @@ def check_trained_weights(directory: Path) -> None:
     check_adapter_dir(directory / ADAPTER_DIR)
 
 
-def load_base_llm(model_path: str | Path, lora_checkpoint: str | Path | None) -> torch.nn.Module:
+def load_base_llm(
+    model_path: str | Path, lora_checkpoint: str | Path | None, quantization: str = "none"
+) -> torch.nn.Module:
     """The frozen LLM that MoSE is added to: ``model_path``, with the LoRA of ``lora_checkpoint`` merged in when
-    given (its load report is logged)."""
-    llm = load_llm(model_path)
+    given (its load report is logged), quantized as ``--quantization`` says (and then prepared as for training, so
+    that a reloaded run computes as it trained)."""
+    llm = load_llm(model_path, quantization_config=quantization_config(quantization))
+    if quantization != "none":
+        llm = prepare_for_training(llm)
     if lora_checkpoint is None:
         return llm
     llm, report = merge_lora_checkpoint(llm, lora_checkpoint)
@@ -82,7 +88,8 @@ def load_trained(
     model_path = model_name_or_path or run_config.model_name_or_path
     tokenizer = load_tokenizer(model_path)
     spec = run_config.feature_spec
-    base = load_base_llm(model_path, run_config.merged_lora_checkpoint)
+    quantization = run_config.arguments.get("model", {}).get("quantization", "none")
+    base = load_base_llm(model_path, run_config.merged_lora_checkpoint, quantization)
     llm = PeftModel.from_pretrained(base, str(weights / ADAPTER_DIR))
     projectors = EmotionLlamaProjectors.from_spec(spec, llm.config.hidden_size)
     load_projectors(projectors, weights / PROJECTORS_FILE)

@@ -29,6 +29,7 @@ from .integrity import CheckpointManifests
 from .merr.sampler import SingleTaskBatchSampler
 from .modeling import load_trained_weights
 from .plots import plot_loss_curve
+from .progress import TrainingProgressCallback
 from .run_config import ADAPTER_DIR, LOSS_CURVE, PROJECTORS_FILE
 
 
@@ -94,7 +95,7 @@ class MoSETrainer(Trainer):
         self.schedule = schedule
         self.total_steps = total_steps
         self.guard = NonFiniteGuard()
-        for callback in (self.guard, CheckpointManifests(checkpoints_kept),
+        for callback in (self.guard, CheckpointManifests(checkpoints_kept), TrainingProgressCallback(),
                          SamplerEpochCallback(batch_sampler, schedule.iters_per_epoch), LossCurveCallback()):  # fmt: skip
             self.add_callback(callback)
 

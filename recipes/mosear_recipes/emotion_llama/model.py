@@ -34,9 +34,13 @@ def load_tokenizer(model_name_or_path: str | Path) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_llm(model_name_or_path: str | Path, dtype: torch.dtype | None = None) -> PreTrainedModel:
-    """Load the causal LM from a local folder (no download)."""
-    return AutoModelForCausalLM.from_pretrained(str(model_name_or_path), dtype=dtype, local_files_only=True)
+def load_llm(
+    model_name_or_path: str | Path, dtype: torch.dtype | None = None, quantization_config: Any = None
+) -> PreTrainedModel:
+    """Load the causal LM from a local folder (no download), quantized by ``quantization_config`` when given."""
+    return AutoModelForCausalLM.from_pretrained(
+        str(model_name_or_path), dtype=dtype, quantization_config=quantization_config, local_files_only=True
+    )
 
 
 class EmotionLlama(nn.Module):
