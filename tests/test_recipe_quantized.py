@@ -1,4 +1,5 @@
-"""recipes/merr_finetune.py --quantization: the tiny default trained on a 4-bit (NF4) and an 8-bit frozen LLM, the
+"""recipes/merr_finetune.py --quantization: the tiny default trained on a 4-bit (NF4, with activation checkpointing
+and 8-bit AdamW) and an 8-bit frozen LLM, the
 adapter learning (the progress guard stays silent), the run reloaded on the same quantized base; bad combinations
 refused before anything is written."""
 
@@ -19,9 +20,12 @@ SHORT = ["--iters_per_epoch", "3", "--num_train_epochs", "1", "--warmup_steps", 
          "--save_strategy", "steps", "--save_steps", "3", "--eval_annotation", "none", "--disable_tqdm", "true"]  # fmt: skip
 
 
-@pytest.mark.parametrize("quantization, layer", [("4bit", "Linear4bit"), ("8bit", "Linear8bitLt")])
-def test_a_quantized_llm_trains_and_reloads(tiny, tmp_path, quantization, layer):
-    finetune.main(on_tiny(tiny, "--output_dir", str(tmp_path), "--quantization", quantization, *SHORT))
+@pytest.mark.parametrize("quantization, layer, extra", [
+    ("4bit", "Linear4bit", ["--gradient_checkpointing", "true", "--optim", "adamw_bnb_8bit"]),  # QLoRA-style
+    ("8bit", "Linear8bitLt", []),
+])
+def test_a_quantized_llm_trains_and_reloads(tiny, tmp_path, quantization, layer, extra):
+    finetune.main(on_tiny(tiny, "--output_dir", str(tmp_path), "--quantization", quantization, *extra, *SHORT))
     assert RunConfig.read(tmp_path).arguments["model"]["quantization"] == quantization
     history = json.loads((tmp_path / "checkpoint-3" / "trainer_state.json").read_text())["log_history"]
     losses = [entry["loss"] for entry in history if "loss" in entry]
