@@ -20,13 +20,19 @@ logger = logging.getLogger(__name__)
 
 LOCK_FILE = "run.lock"
 RUN_FILES = (RUN_CONFIG, ADAPTER_DIR, PROJECTORS_FILE, REFERENCE_FILE, LOSS_CURVE, EVAL_DIR)
-# The training arguments a resumed run must share with the run it resumes (the others, e.g. --max_steps or the
-# logging options, may change between the two).
-RESUME_TRAINING_ARGUMENTS = (
-    "learning_rate", "seed", "data_seed", "per_device_train_batch_size", "gradient_accumulation_steps",
-    "num_train_epochs", "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm",
-    "optim", "lr_scheduler_type", "lr_scheduler_kwargs", "bf16", "fp16", "save_strategy", "save_steps",
-)  # fmt: skip
+# The arguments a resumed run must share with the run it resumes, by group: those that change what it trains (paths,
+# --max_steps, the end-of-run evaluation and the logging options may differ: a moved run folder resumes).
+RESUME_ARGUMENTS = {
+    "model": ("merge_checkpoint_lora", "r", "n_experts", "eps", "lora_alpha", "lora_dropout", "router_hidden_size",
+              "expert_kind", "router", "target_modules"),
+    "data": ("tiny_setup", "stage", "tasks", "annotation", "skip_missing", "audio_repeat", "val_size",
+             "val_annotation", "labels"),
+    "schedule": ("lr_schedule", "warmup_start_lr", "min_lr", "iters_per_epoch"),
+    "training": ("learning_rate", "seed", "data_seed", "per_device_train_batch_size", "gradient_accumulation_steps",
+                 "num_train_epochs", "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon",
+                 "max_grad_norm", "optim", "lr_scheduler_type", "lr_scheduler_kwargs", "bf16", "fp16",
+                 "save_strategy", "save_steps"),
+}  # fmt: skip
 
 
 class OutputDirError(ValueError):
@@ -84,19 +90,13 @@ def clear_previous_run(output_dir: Path) -> None:
 def check_resume_agrees(stored: RunConfig, new: RunConfig, path: Path) -> None:
     """Refuse resuming a run whose recorded configuration (``path``) differs from this one's, naming the first
     differences with both values."""
-    differences = []
-    for name in ("model_name_or_path", "data_root", "feature_spec", "audio_repeat", "stage", "merged_lora_checkpoint",
-                 "init_from"):  # fmt: skip
-        if getattr(stored, name) != getattr(new, name):
-            differences.append((name, getattr(stored, name), getattr(new, name)))
-    for group in ("model", "data", "schedule"):
-        for key, value in new.arguments[group].items():
-            if stored.arguments.get(group, {}).get(key) != value:
-                differences.append((f"--{key}", stored.arguments.get(group, {}).get(key), value))
-    for key in RESUME_TRAINING_ARGUMENTS:
-        before, now = stored.arguments.get("training", {}).get(key), new.arguments["training"].get(key)
-        if before != now:
-            differences.append((f"--{key}", before, now))
+    differences = [(name, getattr(stored, name), getattr(new, name)) for name in ("base_model", "feature_spec")
+                   if getattr(stored, name) != getattr(new, name)]  # fmt: skip
+    for group, keys in RESUME_ARGUMENTS.items():
+        for key in keys:
+            before, now = stored.arguments.get(group, {}).get(key), new.arguments[group].get(key)
+            if before != now:
+                differences.append((f"--{key}", before, now))
     if differences:
         listed = "; ".join(f"{name}: {before!r} in the run, {now!r} now" for name, before, now in differences[:5])
         raise OutputDirError(
