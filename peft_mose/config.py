@@ -9,6 +9,7 @@ from typing import Literal, Optional, Union
 
 from peft.config import PeftConfig
 
+from ._compat.peft import record_saved_config
 from .modality import Modality, parse_modalities
 
 
@@ -185,6 +186,12 @@ class MoSEConfig(PeftConfig):
             raise ValueError("`layers_pattern` only applies together with `layers_to_transform`.")
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a regex string.")
+
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        """Write ``adapter_config.json``, then record its result fields in the adapter weights saved there (so an
+        edit of the JSON is refused on load: ``peft_mose/checksum.py``)."""
+        super().save_pretrained(save_directory, **kwargs)
+        record_saved_config(save_directory)
 
     def expert_modalities(self) -> tuple[frozenset[int], frozenset[int]]:
         """Modality ids routed to the visual and to the non-visual expert, answer tokens resolved."""

@@ -13,7 +13,7 @@
 Options, config files and outputs: docs/recipes.md.
 """
 
-from mosear_recipes.finetune import main
+from mosear_recipes.finetune import cli
 
 if __name__ == "__main__":
-    main()
+    cli()

@@ -113,11 +113,12 @@ def test_plot_command_writes_plots_for_a_saved_model(tmp_path, suffix):
     assert data["settings"]["layers"] == [1] and data["settings"]["tau"] == 0.0
 
 
-def test_plot_command_rejects_a_batch_without_modality_ids(tmp_path):
+def test_plot_command_rejects_a_batch_without_modality_ids(tmp_path, capsys):
     batch_file = tmp_path / "batch.json"
     batch_file.write_text(json.dumps({"input_ids": [[3, 4]]}))
-    with pytest.raises(ValueError, match="modality_ids"):
+    with pytest.raises(SystemExit) as done:
         plot_main([str(tmp_path), str(batch_file), "--out", str(tmp_path)])
+    assert done.value.code == 2 and "must hold `modality_ids`" in capsys.readouterr().err
 
 
 def test_middle_layers():

@@ -4,6 +4,7 @@ when a release removes or reshapes one. One section per library; where each is u
 from __future__ import annotations
 
 import inspect
+import json
 from collections.abc import Callable
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model, mapping
 from peft.tuners import tuners_utils
 from peft.tuners.tuners_utils import BaseTuner
+from safetensors import safe_open
 
 from conftest import random_tokens
 from peft_mose import MoSEModel, MoSEPeftType
@@ -166,3 +168,33 @@ def test_peft_model_saves_and_loads_adapters_through_the_wrapped_globals(llama, 
     assert save == "safe_save_file" and save_args[1] == str(tmp_path / "adapter_model.safetensors")
     assert save_kwargs == {"metadata": {"format": "pt"}}  # the metadata the checksum is added to
     assert load == "load_peft_weights" and load_args == (str(tmp_path),)  # the folder comes first, positionally
+
+
+def test_peft_saves_the_adapter_weights_before_its_config(llama, tmp_path, monkeypatch):
+    """``MoSEConfig.save_pretrained`` records the config's result fields in the weights file it finds beside it
+    (peft_mose/_compat/peft.py): PeftModel.save_pretrained must write the weights first, then the config."""
+    from peft import peft_model
+
+    from peft_mose import MoSEConfig
+    from peft_mose.checksum import CONFIG_KEY
+
+    order = []
+    save = peft_model.safe_save_file
+    monkeypatch.setattr(peft_model, "safe_save_file", lambda *a, **k: (order.append("weights"), save(*a, **k))[1])
+    monkeypatch.setattr(PeftConfig, "to_dict", lambda self, f=PeftConfig.to_dict: (order.append("config"), f(self))[1])
+    get_peft_model(llama, MoSEConfig(r=4, target_modules=["q_proj"])).save_pretrained(tmp_path)
+    assert order == ["weights", "config"]
+    with safe_open(str(tmp_path / "adapter_model.safetensors"), framework="pt") as handle:
+        assert json.loads(handle.metadata()[CONFIG_KEY])["r"] == 4
+
+
+def test_peft_config_get_peft_type_is_the_classmethod_from_pretrained_calls():
+    """Wrapped to name a bad adapter_config.json (peft_mose/_compat/peft.py): PeftModel.from_pretrained must call
+    ``PeftConfig._get_peft_type(model_id, **hf_kwargs)`` and index ``PEFT_TYPE_TO_CONFIG_MAPPING`` with it."""
+    source = inspect.getsource(PeftModel.from_pretrained)
+    assert "PEFT_TYPE_TO_CONFIG_MAPPING[PeftConfig._get_peft_type(model_id, **hf_kwargs)]" in source
+    assert parameters(inspect.getattr_static(PeftConfig, "_get_peft_type").__func__.__wrapped__) == [
+        ("cls", P.POSITIONAL_OR_KEYWORD, P.empty),
+        ("model_id", P.POSITIONAL_OR_KEYWORD, P.empty),
+        ("hf_hub_download_kwargs", P.VAR_KEYWORD, P.empty),
+    ]

@@ -7,10 +7,12 @@ import json
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from conftest import cache_of, layout, make_tiny_llama, random_tokens
 from peft_mose import Modality, MoSEConfig, modality_ids_from_segments
+from peft_mose.checksum import CONFIG_KEY
 
 CFG = dict(r=8, n_experts=2, init_weights=False, lora_dropout=0.0)
 
@@ -162,6 +164,13 @@ def test_config_that_does_not_match_the_weights_is_refused(saved):
     config = json.loads((saved / "adapter_config.json").read_text())
     config["n_experts"] = 3
     (saved / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"adapter_config.json was changed after the adapter was saved: n_experts is 3"):
+        PeftModel.from_pretrained(make_tiny_llama(), saved)
+    weights = saved / "adapter_model.safetensors"  # saved without the config record (older saves): the shape check
+    with safe_open(str(weights), framework="pt") as handle:
+        metadata = {k: v for k, v in handle.metadata().items() if k != CONFIG_KEY}
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    save_file(tensors, str(weights), metadata=metadata)
     with pytest.raises(ValueError, match=r"mose_B.*has shape \(64, 3, 2, 8\).*expects \(64, 3, 3, 8\).*n_experts=3"):
         PeftModel.from_pretrained(make_tiny_llama(), saved)
 

@@ -20,10 +20,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
-from recipe_helpers import coarse_dataset
+from recipe_helpers import coarse_dataset, run_args
 from mosear_recipes import scoring
 from mosear_recipes import finetune
-from mosear_recipes.arguments import TINY_CONFIG
 from mosear_recipes.run import check_adapter_dir, load_trained
 from mosear_recipes.emotion_llama.model import EmotionLlama
 from mosear_recipes.guards import NonFiniteError, NonFiniteGuard
@@ -41,18 +40,6 @@ from mosear_recipes.merr.synthetic import write_synthetic_merr
 
 ROOT = Path(__file__).resolve().parents[1]
 KILLER = ROOT / "tests" / "kill_while_saving.py"
-# 4 steps of batch 2, a checkpoint every 2 steps (2 kept): checkpoint-2, -4.
-SHORT = ["--per_device_train_batch_size", "2", "--iters_per_epoch", "2", "--num_train_epochs",
-         "2", "--warmup_steps", "1", "--save_strategy", "steps", "--save_steps", "2", "--logging_steps", "1",
-         "--eval_annotation", "none", "--disable_tqdm", "true"]  # fmt: skip
-
-
-def run_args(tiny, out: Path, *extra: str) -> list[str]:
-    """The command line of a short run of the tiny config on the session's tiny setup."""
-    setup = ["--tiny_setup", "false", "--model_name_or_path", str(tiny.model_dir), "--data_root", str(tiny.data.root)]
-    return [str(TINY_CONFIG), "--output_dir", str(out), *setup, *SHORT, *extra]
-
-
 def checkpoint(out: Path, step: int) -> Path:
     return out / f"checkpoint-{step}"
 
@@ -80,8 +67,11 @@ def test_a_run_killed_while_saving_resumes_from_the_newest_intact_checkpoint(kil
                        r".*The newest intact checkpoint is .*checkpoint-2"):  # fmt: skip
         resolve_resume(str(checkpoint(as_killed, 4)), as_killed)
     assert resolve_resume("True", as_killed) == str(checkpoint(as_killed, 2))
-    # The resumed run picked checkpoint-2 and saved checkpoint-4 again, whole, with its manifest.
-    assert [p.name for p in sorted(resumed.glob("checkpoint-*"))] == ["checkpoint-2", "checkpoint-4"]
+    # The resumed run picked checkpoint-2, moved what the kill left of checkpoint-4 aside, and saved checkpoint-4
+    # again, whole, with its manifest.
+    assert [p.name for p in sorted(resumed.glob("checkpoint-*"))] == ["checkpoint-2", "checkpoint-4",
+                                                                      "checkpoint-4.refused"]  # fmt: skip
+    assert not (resumed / "checkpoint-4.refused" / MANIFEST).exists()
     assert resolve_resume(str(checkpoint(resumed, 4)), resumed) == str(checkpoint(resumed, 4))
     assert json.loads((checkpoint(resumed, 4) / "trainer_state.json").read_text())["global_step"] == 4
 
@@ -110,7 +100,8 @@ def test_a_damaged_checkpoint_is_refused_before_anything_is_loaded(killed_and_re
                        r"The newest intact checkpoint is .*checkpoint-2"):  # fmt: skip
         finetune.main([*run_args(tiny, run), "--resume_from_checkpoint", str(checkpoint(run, 4))])
     assert resolve_resume("True", run) == str(checkpoint(run, 2))
-    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]  # nothing deleted
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == [  # nothing deleted
+        "checkpoint-2", "checkpoint-4", "checkpoint-4.refused"]  # fmt: skip
 
 
 def test_a_nan_feature_value_is_refused_when_the_dataset_is_built(tmp_path):

@@ -162,6 +162,28 @@ class _Active:
 
 # Attention modules of the models inside an `attention_reallocation` block, and what to do in them.
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, _Active] = weakref.WeakKeyDictionary()
+
+
+@dataclass
+class _Restore:
+    """What an open `attention_reallocation` block restores on exit: the attention implementation and entries."""
+
+    previous: str
+    saved: dict[nn.Module, _Active | None]
+
+
+# The open blocks' restores, by id of their `_Active`: a block exited out of order hands its own to the blocks it held.
+_OPEN: dict[int, _Restore] = {}
+
+
+def _hand_over(active: _Active, restore: _Restore) -> None:
+    """Give the open blocks that would restore ``active`` on exit what ``active``'s block would have restored."""
+    for other in _OPEN.values():
+        if any(entry is active for entry in other.saved.values()):
+            other.previous = restore.previous
+            other.saved = {m: restore.saved[m] if e is active else e for m, e in other.saved.items()}
+
+
 # True while a conflict detector runs its probes: every attention module runs its base implementation, unrecorded.
 _SUSPENDED: ContextVar[bool] = ContextVar("peft_mose_ar_suspended", default=False)
 
@@ -696,6 +718,8 @@ def attention_reallocation(
     saved = {module: _ACTIVE.get(module) for module in modules}
     result = AttentionReallocation(settings=settings, diagnostics=diagnostics)
     active = _Active(settings, _rule(settings), scope, diagnostics, target, result.gate_decisions)
+    restore = _Restore(previous, saved)
+    _OPEN[id(active)] = restore
     try:
         for module in modules:
             _ACTIVE[module] = active
@@ -709,9 +733,17 @@ def attention_reallocation(
         with calls, probes:
             yield result
     finally:
-        if attn_implementation(target) != previous:
-            target.set_attn_implementation(previous)
-        for module, entry in saved.items():
+        del _OPEN[id(active)]
+        if any(_ACTIVE.get(module) is not active for module in modules):
+            _hand_over(active, restore)  # a block opened inside this one is still open: it stays in effect
+            raise RuntimeError(
+                "attention_reallocation blocks on one model must exit in the reverse order of entry: this block "
+                "exited while one opened inside it is still open. That inner block stays in effect until it exits "
+                "(then the model is as before this block); nest them as `with` statements."
+            )
+        if attn_implementation(target) != restore.previous:
+            target.set_attn_implementation(restore.previous)
+        for module, entry in restore.saved.items():
             if entry is None:
                 _ACTIVE.pop(module, None)
             else:

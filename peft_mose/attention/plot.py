@@ -271,6 +271,13 @@ def load_batch(path: str | Path) -> dict[str, Tensor]:
     path = Path(path)
     if path.suffix == ".json":
         raw = json.loads(path.read_text())
+        for key, rows in raw.items():
+            lengths = [len(row) if isinstance(row, list) else None for row in rows] if isinstance(rows, list) else []
+            if len(set(lengths)) > 1:
+                raise ValueError(
+                    f"{path}: the rows of `{key}` have different lengths {lengths}: a batch holds rows of one length "
+                    "(pad them, with attention_mask 0 on the padding)."
+                )
         batch = {
             k: torch.tensor(v, dtype=torch.float32 if k == "inputs_embeds" else torch.long) for k, v in raw.items()
         }
@@ -281,6 +288,9 @@ def load_batch(path: str | Path) -> dict[str, Tensor]:
     unknown = set(batch) - {"modality_ids", "input_ids", "inputs_embeds", "attention_mask"}
     if unknown:
         raise ValueError(f"{path} has unknown keys {sorted(unknown)}.")
+    shapes = {k: tuple(v.shape[:2]) for k, v in batch.items()}
+    if len(set(shapes.values())) > 1:
+        raise ValueError(f"{path}: `{'`, `'.join(shapes)}` must all be [batch, seq] of one shape, got {shapes}.")
     return batch
 
 
@@ -370,7 +380,10 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
 
         return AutoTokenizer.from_pretrained(args.tokenizer or args.model)
 
-    batch = load_batch(args.batch)
+    try:
+        batch = load_batch(args.batch)
+    except (OSError, ValueError) as error:
+        parser.error(str(error))
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).eval()

@@ -4,15 +4,15 @@ command line, and checked together."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
-import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
 from peft_mose import MoSEConfig
@@ -21,6 +21,7 @@ from peft_mose.metrics import resolve_labels
 from .distributed import share_cpu_deepspeed_state
 from .merr.tasks import parse_tasks
 from .quantization import QUANTIZATIONS
+from .textfiles import load_json, load_yaml
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 TINY_CONFIG = CONFIG_DIR / "tiny.yaml"
@@ -196,6 +197,12 @@ class FinetuneArguments(TrainingArguments):
         },
     )
 
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Replace the run already in --output_dir: its files and checkpoints are deleted (logged and "
+                  "recorded in run_config.json). Without it such a folder is refused (unless resumed)."},
+    )  # fmt: skip
+
     def __post_init__(self) -> None:
         share_cpu_deepspeed_state(self)
         super().__post_init__()
@@ -231,17 +238,19 @@ def _values(arguments: object) -> dict[str, Any]:
     return {f.name: getattr(arguments, f.name) for f in fields(arguments)}
 
 
-def build_parser() -> HfArgumentParser:
+def build_parser(exit_on_error: bool = True) -> HfArgumentParser:
     """The recipe's parser: its own groups first in ``--help``, then Trainer's; no abbreviated options."""
-    return HfArgumentParser(DATACLASSES, description=__doc__.splitlines()[0], allow_abbrev=False)
+    return HfArgumentParser(
+        DATACLASSES, description=__doc__.splitlines()[0], allow_abbrev=False, exit_on_error=exit_on_error
+    )
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
-    """The ``{option: value}`` mapping of a YAML or JSON config file, every key an option of the recipe."""
+    """The ``{option: value}`` mapping of a YAML or JSON config file, every key an option of the recipe and every
+    value one it accepts (:func:`check_config_values`); errors name the file."""
     if not path.is_file():
         raise FileNotFoundError(f"Config file {path} does not exist.")
-    text = path.read_text(encoding="utf-8")
-    values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    values = load_json(path) if path.suffix == ".json" else load_yaml(path)
     if values is None:
         return {}
     if not isinstance(values, dict):
@@ -250,7 +259,49 @@ def read_config_file(path: Path) -> dict[str, Any]:
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"Config file {path}: unknown options {unknown} (see python recipes/merr_finetune.py --help).")
-    return values
+    return check_config_values(values, path)
+
+
+def _takes_list(option: str) -> bool:
+    """Whether the option's field is typed with a list (e.g. Trainer's ``report_to: str | list[str]``); read from the
+    annotations, as the parser rewrites the fields' types."""
+    return any("list" in str(get_type_hints(kind).get(option)) for kind in DATACLASSES)
+
+
+def _token(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def check_config_values(values: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The file's values converted as the command line would convert them, each refused (naming the file, the key,
+    the value and what the option takes) when the command line would refuse it: a file's values bypass the
+    parser's types otherwise. Mappings go as they are to Trainer's dict options, which check them."""
+    probe = build_parser(exit_on_error=False)
+    defaults = vars(probe.parse_args([]))
+    checked = {}
+    for key, value in values.items():
+        if value is None or isinstance(value, dict):
+            if value is None and defaults[key] is not None:
+                raise ValueError(f"Config file {path}: {key}: null is not a value of --{key} (default {defaults[key]!r}).")
+            checked[key] = value
+            continue
+        items = value if isinstance(value, list) else [value]
+        problem = None
+        try:
+            parsed, extra = probe.parse_known_args([f"--{key}", *map(_token, items)])
+            parsed = getattr(parsed, key)
+            if isinstance(value, list) and _takes_list(key) and all(isinstance(v, str) for v in value):
+                parsed = value  # an option of Trainer's typed ``str | list[str]`` (report_to, ...)
+            elif extra or (isinstance(value, list) and not isinstance(parsed, list)) or not items:
+                problem = "the option takes a single value, not a list"
+        except argparse.ArgumentError as error:
+            problem = str(error)
+        if problem:
+            raise ValueError(
+                f"Config file {path}: {key}: {value!r} is not a valid value ({problem}; default {defaults[key]!r})."
+            )
+        checked[key] = parsed
+    return checked
 
 
 def _gives(argv: Sequence[str], option: str) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -63,17 +64,8 @@ class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaults
     """The description as written, and every option's default."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Command-line options of both modes, defaults shown."""
-    parser = argparse.ArgumentParser(
-        prog="merr_evaluate.py", description=USAGE, formatter_class=_Formatter, allow_abbrev=False
-    )
-    parser.add_argument("--out_dir", required=True, type=Path, help="for scores.json/.md/.png and per_sample.jsonl")
-    parser.add_argument("--task", choices=TASKS, default="reasoning", help="what is scored")
-    scoring = parser.add_argument_group("scoring mode")
-    scoring.add_argument("--predictions", type=Path, help='JSONL of {"id", "prediction"}')
-    scoring.add_argument("--references", type=Path, help='JSONL of {"id", "reference"|"label", "subset"}')
-    model = parser.add_argument_group("model-running mode (instead of --predictions/--references)")
+def add_model_running_arguments(model: argparse._ActionsContainer) -> None:
+    """The options of the model-running mode (none of them applies to scoring a predictions file)."""
     add_model_arguments(model)
     model.add_argument("--data_root", type=Path, help="MERR folder (default for a run: the run's)")
     model.add_argument("--annotation", type=Path, help="MERR annotation .txt (default: synthetic_test.txt of the data)")
@@ -87,6 +79,29 @@ def build_parser() -> argparse.ArgumentParser:
                        help="ar+gate: JS divergence (nats) above which a sample counts as a conflict")  # fmt: skip
     model.add_argument("--batch_size", type=int, default=8, help="prompts per generate call")
     model.add_argument("--max_new_tokens", type=int, help="tokens per answer (default: recognition 8, reasoning 500)")
+
+
+def model_running_options_given(argv: Sequence[str]) -> list[str]:
+    """The model-running options given in ``argv`` (whatever their values, defaults included)."""
+    probe = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    add_model_running_arguments(probe)
+    unset = object()  # not a string: argparse leaves it unconverted
+    probe.set_defaults(**{name: unset for name in vars(probe.parse_args([]))})
+    given, _ = probe.parse_known_args(argv)
+    return sorted(f"--{name}" for name, value in vars(given).items() if value is not unset)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line options of both modes, defaults shown."""
+    parser = argparse.ArgumentParser(
+        prog="merr_evaluate.py", description=USAGE, formatter_class=_Formatter, allow_abbrev=False
+    )
+    parser.add_argument("--out_dir", required=True, type=Path, help="for scores.json/.md/.png and per_sample.jsonl")
+    parser.add_argument("--task", choices=TASKS, default="reasoning", help="what is scored")
+    scoring = parser.add_argument_group("scoring mode")
+    scoring.add_argument("--predictions", type=Path, help='JSONL of {"id", "prediction"}')
+    scoring.add_argument("--references", type=Path, help='JSONL of {"id", "reference"|"label", "subset"}')
+    add_model_running_arguments(parser.add_argument_group("model-running mode (instead of --predictions/--references)"))
     labels = parser.add_argument_group("labels and parsing")
     labels.add_argument("--labels", default="mer2023", help="recognition label set: mer2023, dfew, merr or a,b,c")
     labels.add_argument("--parser", choices=LABEL_PARSERS, default="emotion_llama", help="label parser (recognition)")
@@ -114,6 +129,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(
             "give --predictions and --references (scoring mode), or --run_dir or --model_name_or_path "
             "(model-running mode)"
+        )
+    ignored = [] if model_mode else model_running_options_given(sys.argv[1:] if argv is None else argv)
+    if ignored:
+        parser.error(
+            f"{', '.join(ignored)} only apply to the model-running mode (--run_dir or --model_name_or_path); scoring "
+            "--predictions runs no model"
         )
     try:
         grouping = load_grouping(args.grouping) if args.grouping else DEFAULT_GROUPING

@@ -5,6 +5,7 @@ reference outputs and the end-of-run recognition evaluation. ``recipes/merr_fine
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from .emotion_llama.model import EmotionLlama, load_tokenizer
 from .emotion_llama.prompt import PromptEncoder
 from .generation import generate_predictions
 from .guards import train as guarded_train
-from .integrity import resolve_resume
+from .integrity import resolve_resume, set_aside_damaged
 from .logs import setup_logging
 from .merr.collator import MERRCollator
 from .merr.dataset import CAPTION_FILES, SUBTITLE_FILE, KeyedSamples, MERRDataset
@@ -34,7 +35,8 @@ from .merr.references import merr_references
 from .merr.sampler import SingleTaskBatchSampler
 from .merr.synthetic import FILES as SYNTHETIC_FILES
 from .modeling import build_model, merged_lora, reference_batch, write_reference_outputs
-from .run_config import EVAL_DIR, REFERENCE_FILE, RunConfig, StageConfig
+from .run_config import EVAL_DIR, REFERENCE_FILE, RUN_CONFIG, RunConfig, StageConfig, base_model_identity
+from .run_folder import check_init_from, check_output_dir, check_resume_agrees, clear_previous_run, output_lock
 from .scoring import ScoringConfig, markdown_table, score, warn_skipped, write_report
 from .tiny_setup import write_tiny_setup
 from .trainer import MoSETrainer
@@ -125,13 +127,22 @@ def evaluate(
 
 def finetune(config: FinetuneConfig) -> dict | None:
     """Train one stage, save the model, its run configuration, reference outputs and loss curve, and evaluate it;
-    returns the evaluation result on the main process."""
+    returns the evaluation result on the main process. The output folder is claimed first (``run_folder``): a run
+    already there is never written over unless resumed or replaced on purpose."""
     args = config.training
     if args.should_log:  # Trainer's default log level is "passive": info on the main process, as HF's examples do
         transformers.utils.logging.set_verbosity_info()
     setup_logging(args.get_process_log_level(), args.get_process_log_level())
     check_args(config)
     output_dir = Path(args.output_dir).resolve()
+    check_init_from(output_dir, config.model.init_from)
+    with output_lock(output_dir, args.should_save):
+        check_output_dir(output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
+        return _train(config, output_dir)
+
+
+def _train(config: FinetuneConfig, output_dir: Path) -> dict | None:
+    args = config.training
     model_path, data_root = prepare_inputs(config, output_dir)
     stage = stage_config(config, data_root)
     resume = resolve_resume(args.resume_from_checkpoint, output_dir)  # verified before anything of it is loaded
@@ -139,20 +150,27 @@ def finetune(config: FinetuneConfig) -> dict | None:
     evaluation = eval_dataset(config, data_root)
     spec = FeatureSpec.from_dir(data_root)
     model_args = config.model
+    run_config = RunConfig(
+        model_name_or_path=str(model_path.resolve()),
+        data_root=str(data_root.resolve()),
+        feature_spec=spec,
+        audio_repeat=config.data.audio_repeat,
+        stage=stage,
+        world_size=args.world_size,
+        merged_lora_checkpoint=merged_lora(model_args),
+        init_from=model_args.init_from,
+        config_file=str(config.config_file) if config.config_file else None,
+        arguments=config.arguments(),
+        base_model=base_model_identity(model_path),
+    )
+    if resume and (output_dir / RUN_CONFIG).is_file():
+        check_resume_agrees(RunConfig.read(output_dir), run_config, output_dir / RUN_CONFIG)
     if args.should_save:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        RunConfig(
-            model_name_or_path=str(model_path.resolve()),
-            data_root=str(data_root.resolve()),
-            feature_spec=spec,
-            audio_repeat=config.data.audio_repeat,
-            stage=stage,
-            world_size=args.world_size,
-            merged_lora_checkpoint=merged_lora(model_args),
-            init_from=model_args.init_from,
-            config_file=str(config.config_file) if config.config_file else None,
-            arguments=config.arguments(),
-        ).write(output_dir)
+        if args.overwrite_output_dir:
+            clear_previous_run(output_dir)
+        if resume:
+            set_aside_damaged(output_dir, resume)
+        run_config.write(output_dir)
     encoder = PromptEncoder(load_tokenizer(model_path), spec.n_patch_tokens, audio_repeat=config.data.audio_repeat)
     set_seed(args.seed)
     # A resumed run starts from its checkpoint, which holds every trainable tensor.
@@ -193,8 +211,19 @@ def finetune(config: FinetuneConfig) -> dict | None:
 
 
 def main(argv: Sequence[str] | None = None) -> dict | None:
-    """Parse ``[config file] [--options]`` and train (the entry point of ``recipes/merr_finetune.py``); a
-    distributed run ends its process group when training succeeded."""
+    """Parse ``[config file] [--options]`` and train; a distributed run ends its process group when training
+    succeeded."""
     result = finetune(parse_finetune_args(argv))
     end_process_group()
     return result
+
+
+def cli(argv: Sequence[str] | None = None) -> None:
+    """The entry point of ``recipes/merr_finetune.py``: :func:`main`, a refused input (a ``ValueError`` or
+    ``OSError`` naming what is wrong) ending the process with exit status 2 and its message, without a traceback."""
+    try:
+        main(argv)
+    except (OSError, ValueError) as error:
+        logger.debug("refused", exc_info=error)
+        print(f"merr_finetune.py: error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -28,7 +29,10 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .textfiles import load_json
 
+logger = logging.getLogger(__name__)
+
 MANIFEST = "manifest.json"
+REFUSED_SUFFIX = ".refused"
 MANIFEST_FORMAT = 1
 _CHUNK = 1 << 20
 
@@ -135,6 +139,8 @@ def resolve_resume(value: str | None, run_dir: Path) -> str | None:
         newest = newest_intact(run_dir)
         if newest is None:
             raise CheckpointError(f"--resume_from_checkpoint: no intact checkpoint in {run_dir}.")
+        for skipped in _newer(run_dir, newest):
+            logger.warning("Not resuming from %s: %s.", skipped, "; ".join(checkpoint_problems(skipped)))
         return str(newest)
     problems = checkpoint_problems(Path(value))
     if problems:
@@ -143,6 +149,27 @@ def resolve_resume(value: str | None, run_dir: Path) -> str | None:
             f"{_resume_hint(run_dir, exclude=Path(value))}"
         )
     return value
+
+
+def _newer(run_dir: Path, checkpoint: Path) -> list[Path]:
+    step = int(checkpoint.name.split("-")[-1])
+    return [c for c in checkpoints(run_dir) if int(c.name.split("-")[-1]) > step]
+
+
+def set_aside_damaged(run_dir: Path, resume: str) -> list[Path]:
+    """Rename the checkpoints newer than ``resume`` that differ from their manifest to ``checkpoint-N.refused[-k]``
+    (kept for inspection, never resumed nor rotated), with a warning: the resumed run saves those steps again and
+    would otherwise write into them and list their foreign files in its manifest. Returns the new paths."""
+    moved = []
+    for damaged in (c for c in _newer(run_dir, Path(resume)) if checkpoint_problems(c)):
+        target, k = damaged.with_name(damaged.name + REFUSED_SUFFIX), 1
+        while target.exists():
+            k += 1
+            target = damaged.with_name(f"{damaged.name}{REFUSED_SUFFIX}-{k}")
+        damaged.rename(target)
+        logger.warning("Resuming from %s: %s is damaged and was moved to %s.", resume, damaged, target)
+        moved.append(target)
+    return moved
 
 
 def _disk_full(error: BaseException | None) -> bool:

@@ -20,7 +20,7 @@ from .emotion_llama.prompt import PromptEncoder
 from .generation import to_device
 from .merr.collator import MERRCollator
 from .merr.dataset import MERRDataset
-from .run import check_trained_weights, load_base_llm
+from .run import adapter_mismatch, check_base_model, check_trained_weights, load_base_llm, run_config_of
 from .run_config import ADAPTER_DIR, PROJECTORS_FILE
 
 logger = logging.getLogger(__name__)
@@ -39,6 +39,22 @@ def load_trained_weights(model: EmotionLlama, directory: Path) -> None:
     load_projectors(model.projectors, directory / PROJECTORS_FILE)
 
 
+def check_init_source(init_dir: Path, model_args: ModelArguments, model_path: str | Path) -> None:
+    """Refuse an ``--init_from`` run trained with other MoSE options than this run's (its adapter would replace
+    them silently) or on another base model, naming both sides."""
+    check_trained_weights(init_dir)
+    options = {f: getattr(model_args, f) for f in ("r", "n_experts", "eps", "lora_alpha", "router_hidden_size",
+                                                   "expert_kind", "router", "target_modules")}  # fmt: skip
+    mismatch = adapter_mismatch(options, init_dir / ADAPTER_DIR)
+    if mismatch:
+        raise ValueError(
+            f"--init_from {init_dir} was trained with other MoSE options than this run's: {'; '.join(mismatch)} "
+            "(\"the run's options\" are this run's). Give this run the same options."
+        )
+    source = run_config_of(init_dir)
+    check_base_model(source.base_model if source else None, model_path, f"--init_from {init_dir}", False)
+
+
 def build_model(
     model_args: ModelArguments,
     model_path: str | Path,
@@ -54,6 +70,7 @@ def build_model(
     projectors = EmotionLlamaProjectors.from_spec(spec, llm.config.hidden_size)
     model = EmotionLlama(llm, projectors, tokenizer.pad_token_id)
     if init_dir is not None:
+        check_init_source(init_dir, model_args, model_path)
         load_trained_weights(model, init_dir)
     elif model_args.projector_checkpoint:
         logger.info("%s", load_projector_checkpoint(projectors, model_args.projector_checkpoint).summary())

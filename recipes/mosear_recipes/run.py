@@ -13,12 +13,14 @@ from peft import PeftModel
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from peft.utils import CONFIG_NAME
 
+from peft_mose.checksum import result_fields
+
 from .emotion_llama.checkpoint import load_projectors, merge_lora_checkpoint
 from .emotion_llama.model import EmotionLlama, load_llm, load_tokenizer
 from .emotion_llama.projectors import EmotionLlamaProjectors
 from .emotion_llama.prompt import PromptEncoder
 from .quantization import prepare_for_training, quantization_config
-from .run_config import ADAPTER_DIR, PROJECTORS_FILE, RunConfig
+from .run_config import ADAPTER_DIR, PROJECTORS_FILE, RUN_CONFIG, RunConfig, base_model_mismatch
 from .textfiles import load_json
 
 logger = logging.getLogger(__name__)
@@ -58,6 +60,44 @@ def check_trained_weights(directory: Path) -> None:
     check_adapter_dir(directory / ADAPTER_DIR)
 
 
+# The MoSE options of merr_finetune.py that are adapter_config.json fields of the same name.
+MOSE_OPTIONS = ("r", "n_experts", "eps", "lora_alpha", "router_hidden_size", "expert_kind", "router", "target_modules")
+
+
+def adapter_mismatch(model_options: dict, adapter_dir: Path) -> list[str]:
+    """``"field: X in the run's options, Y in adapter_dir"`` for each MoSE option (``--target_modules``
+    comma-separated) that differs from the adapter's saved ``adapter_config.json``."""
+    expected = {k: model_options[k] for k in MOSE_OPTIONS if k in model_options}
+    if isinstance(expected.get("target_modules"), str):
+        expected["target_modules"] = [m.strip() for m in expected["target_modules"].split(",") if m.strip()]
+    saved, wanted = result_fields(load_json(adapter_dir / CONFIG_NAME)), result_fields(expected)
+    return [f"{k}: {wanted[k]!r} in the run's options, {saved[k]!r} in {adapter_dir}" for k in expected
+            if saved[k] != wanted[k]]  # fmt: skip
+
+
+def check_base_model(recorded: dict | None, model_path: str | Path, what: str, name_may_differ: bool) -> None:
+    """Refuse a base model whose config differs from the identity ``recorded`` with ``what`` (a run); a different
+    folder name is refused too unless ``name_may_differ`` (a base model given on purpose), then warned about."""
+    mismatch = base_model_mismatch(recorded, model_path)
+    if "config_sha256" in mismatch or (mismatch and not name_may_differ):
+        raise ValueError(
+            f"{what} was trained on base model {recorded['name']!r} (config sha256 {recorded['config_sha256'][:12]}...),"
+            f" but {model_path} is another ({', '.join(mismatch)} differ): its adapter would load on the wrong model "
+            "without an error. Give the base model it was trained on."
+        )
+    if mismatch:
+        logger.warning("%s was trained on base model %r; %s has the same config under another name: check that it "
+                       "is the same model.", what, recorded["name"], model_path)  # fmt: skip
+
+
+def run_config_of(weights: Path) -> RunConfig | None:
+    """The run configuration of a run folder or of one of its checkpoints (``None`` when neither holds one)."""
+    for folder in (weights, weights.parent):
+        if (folder / RUN_CONFIG).is_file():
+            return RunConfig.read(folder)
+    return None
+
+
 def load_base_llm(
     model_path: str | Path, lora_checkpoint: str | Path | None, quantization: str = "none"
 ) -> torch.nn.Module:
@@ -85,7 +125,13 @@ def load_trained(
     run_config = RunConfig.read(output_dir)
     weights = Path(weights_dir) if weights_dir is not None else output_dir
     check_trained_weights(weights)
+    mismatch = adapter_mismatch(run_config.arguments.get("model", {}), weights / ADAPTER_DIR)
+    if mismatch:
+        raise ValueError(
+            f"{weights / ADAPTER_DIR} is not the adapter of the run in {output_dir / RUN_CONFIG}: {'; '.join(mismatch)}."
+        )
     model_path = model_name_or_path or run_config.model_name_or_path
+    check_base_model(run_config.base_model, model_path, f"The run in {output_dir}", model_name_or_path is not None)
     tokenizer = load_tokenizer(model_path)
     spec = run_config.feature_spec
     quantization = run_config.arguments.get("model", {}).get("quantization", "none")

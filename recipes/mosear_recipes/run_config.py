@@ -4,6 +4,7 @@ and read back by everything that reloads the run (evaluation, inference, the nex
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +37,8 @@ class StageConfig:
 class RunConfig:
     """One run of ``recipes/merr_finetune.py``: the base model it trained on (with the checkpoint whose LoRA was
     merged into it, if any), the data, the stage, what it started from, every argument as parsed, and the
-    environment (package versions and git commit)."""
+    environment (package versions and git commit); ``base_model`` is the base model's identity
+    (:func:`base_model_identity`), absent in runs written before it was recorded."""
 
     model_name_or_path: str
     data_root: str
@@ -48,6 +50,7 @@ class RunConfig:
     init_from: str | None = None
     config_file: str | None = None
     arguments: dict[str, dict[str, Any]] = field(default_factory=dict)
+    base_model: dict[str, str] | None = None
     environment: dict[str, Any] = field(default_factory=environment)
     format: int = FORMAT
 
@@ -86,6 +89,29 @@ class RunConfig:
                 "stage": StageConfig(**{**stage, "tasks": tuple(stage["tasks"])}),
             }
         )
+
+
+# config.json keys that say where or how a model was saved, not what it is.
+_NOT_IDENTITY = ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures")
+
+
+def base_model_identity(model_path: str | Path) -> dict[str, str]:
+    """``{"name", "config_sha256"}`` of a base model folder: its folder name and the SHA-256 of its ``config.json``
+    (without the keys that only say where or how it was saved): recorded with a run, compared when it is reloaded."""
+    path = Path(model_path) / "config.json"
+    values = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    kept = {k: v for k, v in values.items() if k not in _NOT_IDENTITY}
+    digest = hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
+    return {"name": Path(model_path).resolve().name, "config_sha256": digest}
+
+
+def base_model_mismatch(recorded: dict[str, str] | None, model_path: str | Path) -> list[str]:
+    """How the base model at ``model_path`` differs from the ``recorded`` identity (nothing when none was recorded):
+    ``"name"`` and/or ``"config_sha256"``."""
+    if not recorded:
+        return []
+    now = base_model_identity(model_path)
+    return [key for key in ("name", "config_sha256") if recorded.get(key) != now[key]]
 
 
 def _required(f: dataclasses.Field) -> bool:

@@ -36,6 +36,12 @@ class MERRCollator:
             self.encoder.encode(s.subtitle, s.task, s.instruction, s.answer if self.with_answer else None)
             for s in samples
         ]
+        for sample, row in zip(samples, rows):
+            if row.labels is not None and len(row.labels) != len(row.input_ids):
+                raise ValueError(
+                    f"Sample {sample.name!r} (task {sample.task}): its labels have {len(row.labels)} tokens, its input "
+                    f"{len(row.input_ids)}: a sample needs one label per token (-100 where there is none)."
+                )
         batch: dict[str, torch.Tensor | list[str]] = dict(
             collate_rows(rows, self.encoder.tokenizer.pad_token_id, "right", with_labels=self.with_answer)
         )
