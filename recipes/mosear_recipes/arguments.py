@@ -5,7 +5,6 @@ command line, and checked together."""
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from collections.abc import Sequence
