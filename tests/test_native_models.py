@@ -1,12 +1,11 @@
 """MoSE and AR on transformers' native multimodal models (tiny random models with the inputs their processors make):
 default targets in the language model only, modality ids read off the model's own placeholder tokens, generation,
-init identity, save/load, AR and the conflict gate's probes. The architecture table of docs/models.md comes from
-:data:`SUPPORT` (``python tests/test_native_models.py`` rewrites it; a test checks it is current)."""
+init identity, save/load, multiple adapters, AR and the conflict gate's probes (docs/models.md is generated from these
+models by tests/models_doc.py)."""
 
 from __future__ import annotations
 
 import copy
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,6 @@ from peft_mose.attention import GateDecisions, GateInputs, attention_reallocatio
 from peft_mose.modality_tokens import ModalityTokens
 from peft_mose.targets import language_model_prefix
 
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "models.md"
 CFG = dict(r=4, n_experts=2, eps=0.3, lora_dropout=0.0)
 GEN = dict(max_new_tokens=3, do_sample=False)
 
