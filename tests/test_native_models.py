@@ -6,7 +6,6 @@ models by tests/models_doc.py)."""
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
