@@ -58,6 +58,7 @@ class Spec:
     bases: tuple[str, ...] = ("sdpa", "eager")
     """The implementations transformers offers for it that AR runs on (Gemma 2 has no SDPA: it soft-caps)."""
     sliding: bool = False
+    """Has sliding-window layers (window ``WINDOW``), whose KV cache drops the oldest keys while generating."""
 
 
 GQA = dict(num_key_value_heads=2)
@@ -76,7 +77,7 @@ SPECS: dict[str, Spec] = {
         dict(GQA, head_dim=16, sliding_window=WINDOW, attn_logit_softcapping=1.0, query_pre_attn_scalar=4),
         bases=("eager",), sliding=True,
     ),
-    "gemma3": Spec(
+    "gemma3": Spec(  # its config has attn_logit_softcapping, which its attention does not apply (nor may AR)
         tf.Gemma3TextConfig, tf.Gemma3ForCausalLM,
         dict(GQA, head_dim=16, sliding_window=WINDOW, attn_logit_softcapping=1.0, query_pre_attn_scalar=4,
              layer_types=["sliding_attention", "full_attention"]),
@@ -113,14 +114,13 @@ def make_model(name: str, base: str, dtype: torch.dtype = torch.float32, **overr
 
 
 EXACT_CASES = [(name, base) for name, spec in SPECS.items() if AR_SUPPORT[name] == EXACT for base in spec.bases]
-SLIDING_CASES = [(name, base) for name, base in EXACT_CASES if SPECS[name].sliding]
 REFUSED = [name for name in SPECS if AR_SUPPORT[name] != EXACT]
 GREEDY = dict(max_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True)
 
 
 def prompt() -> tuple[Tensor, Tensor]:
-    """Token ids and modality ids ``[2, 12]``: text, 6 visual, 3 audio (dominating the response row's attention),
-    text; sample 1 has text where sample 0 has audio. With a window of 8 the last row sees 4 of the visual tokens."""
+    """Token ids and modality ids ``[2, 12]``: text, 6 visual, 3 audio, text; sample 1 has text where sample 0 has
+    audio. With a window of 8 the last row sees 4 of the visual tokens."""
     ids = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
     mods = torch.full((2, 12), int(Modality.TEXT))
     mods[:, 2:8] = int(Modality.VISUAL)

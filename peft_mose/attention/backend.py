@@ -19,7 +19,7 @@ import math
 import operator
 import sys
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
@@ -632,7 +632,7 @@ def _check_gate(
     return gate
 
 
-def _base_implementation(target: nn.Module, modules: Iterable[nn.Module], previous: str) -> str:
+def _base_implementation(target: nn.Module, modules: Collection[nn.Module], previous: str) -> str:
     """The implementation AR runs on top of (``"sdpa"`` or ``"eager"``); ``ValueError`` naming the model and what
     works instead where AR could not reproduce the model's attention exactly."""
     name = type(target).__name__
