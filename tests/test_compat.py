@@ -61,6 +61,19 @@ def test_accelerator_state_reset_state():
         AcceleratorState._shared_state.update(saved[1])
 
 
+# --- transformers: peft_mose/_compat/transformers.py (AR's setup) ----------------------------------------------
+
+
+def test_can_set_attn_implementation_tells_interface_models_from_the_others():
+    """``uses_attention_interface`` calls it: Bloom and Falcon compute attention in their own modules."""
+    from transformers import BloomForCausalLM, FalconForCausalLM, LlamaForCausalLM, PreTrainedModel
+
+    assert isinstance(inspect.getattr_static(PreTrainedModel, "_can_set_attn_implementation"), classmethod)
+    assert LlamaForCausalLM._can_set_attn_implementation()
+    assert not BloomForCausalLM._can_set_attn_implementation()
+    assert not FalconForCausalLM._can_set_attn_implementation()
+
+
 # --- peft: peft_mose/model.py, peft_mose/_registration.py ------------------------------------------------------
 
 

@@ -19,7 +19,7 @@ import math
 import operator
 import sys
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,7 +30,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .._compat.transformers import attn_implementation
+from .._compat.transformers import attn_implementation, uses_attention_interface
 from ..context import ContextScope, ModalityContext, check_prompt
 from ..modality import Modality, validate_modality_ids
 from ..modality_tokens import ModalityTokens
@@ -265,23 +265,33 @@ def _response_rows(positions: ForwardPositions, memo: _ForwardMemo) -> Tensor:
 
 
 def _key_masks(
-    positions: ForwardPositions, batch: int, q_len: int, k_len: int, all_rows: bool, record: bool,
-    gated: Tensor | None, needs: tuple[Modality, ...],
+    positions: ForwardPositions, batch: int, q_len: int, k_len: int, sliding_window: int | None, all_rows: bool,
+    record: bool, gated: Tensor | None, needs: tuple[Modality, ...],
 ) -> _KeyMasks:
+    """The key masks of an attention call with ``k_len`` keys (``sliding_window``: the call's, if any)."""
     memo = positions.memos.get(_ForwardMemo)
     key = (all_rows, record, k_len, needs)
     if key in memo.key_masks:
         return memo.key_masks[key]
     total = positions.past_length + positions.new_length
-    if positions.batch_size != batch or positions.new_length != q_len or total > k_len:
+    # A cache holds positions in order: all of them, then unused slots (a static cache), or, once a sliding-window
+    # layer has dropped the oldest, the last `k_len` (the keys its update returns, for dynamic and static caches).
+    dropped = max(total - k_len, 0)
+    windowed = sliding_window is not None and k_len >= sliding_window - 1 + q_len
+    if positions.batch_size != batch or positions.new_length != q_len or (dropped and not windowed):
         raise ValueError(
             f"Attention reallocation expected {positions.new_length} query rows over {total} positions for batch "
             f"{positions.batch_size}, got an attention call with batch {batch}, {q_len} queries and {k_len} keys "
-            "(sliding-window caches and attention over other sequences are not supported)."
+            f"(sliding window {sliding_window}; attention over other sequences is not supported)."
         )
-    pad = k_len - total
-    ids = nn.functional.pad(positions.modality_ids, (0, pad), value=int(Modality.TEXT))
-    valid = nn.functional.pad(positions.valid, (0, pad), value=False)
+    if dropped and record:
+        raise ValueError(
+            f"record=True needs the keys of every position, but a sliding-window cache layer holds only the last "
+            f"{k_len} of {total}: generate with a cache that keeps every position (e.g. cache=DynamicCache(), "
+            "past_key_values= before transformers 5.24), or without recording."
+        )
+    ids = nn.functional.pad(positions.modality_ids[:, dropped:], (0, k_len + dropped - total), value=int(Modality.TEXT))
+    valid = nn.functional.pad(positions.valid[:, dropped:], (0, k_len + dropped - total), value=False)
     visual = valid & (ids == int(Modality.VISUAL))
     audio = valid & (ids == int(Modality.AUDIO))
     selected = positions.valid if all_rows else _response_rows(positions, memo)
@@ -314,25 +324,67 @@ def _gather_rows(tensor: Tensor, rows: _Rows) -> Tensor:
     return tensor.gather(2, index)
 
 
+# Keyword arguments the registered attention functions receive, besides `scaling` and `dropout`. HONOURED ones
+# shape the weights and the explicit rows apply them exactly as the model's eager attention does; INERT ones do not
+# touch the weights. Any other one with a value is refused (`_logit_options`): it may change the weights in a way AR
+# would not reproduce (e.g. GPT-OSS's attention sinks `s_aux`), so a new model cannot make AR silently wrong.
+HONOURED_KWARGS = frozenset({"softcap", "sliding_window", "is_causal"})
+INERT_KWARGS = frozenset(
+    {"position_ids", "use_cache", "cache_position", "output_attentions", "output_hidden_states", "output_router_logits"}
+)
+
+
+@dataclass(frozen=True)
+class _LogitOptions:
+    """What shapes one attention call's weights besides the mask: scale, tanh soft-capping (Gemma 2's ``softcap``),
+    causality for a call without a mask, and the sliding window (which transformers' masks contain; it tells
+    :func:`_key_masks` which keys a sliding-window cache layer returns)."""
+
+    scaling: float | None
+    softcap: float | None
+    sliding_window: int | None
+    is_causal: bool
+
+
+def _logit_options(module: nn.Module, scaling: float | None, kwargs: dict) -> _LogitOptions:
+    """The options of one attention call; ``ValueError`` naming any keyword AR does not know to be harmless."""
+    unknown = sorted(k for k, v in kwargs.items() if v is not None and k not in HONOURED_KWARGS | INERT_KWARGS)
+    if unknown:
+        raise ValueError(
+            f"Attention reallocation cannot reproduce the attention of {type(module).__name__}: its attention "
+            f"function receives {unknown}, which may change the attention weights and which AR does not apply to "
+            f"the rows it computes (it applies scaling, {', '.join(sorted(HONOURED_KWARGS))}). Run this model "
+            "without attention_reallocation."
+        )
+    is_causal = kwargs.get("is_causal")
+    return _LogitOptions(
+        scaling=scaling,
+        softcap=kwargs.get("softcap"),
+        sliding_window=kwargs.get("sliding_window"),
+        is_causal=is_causal if is_causal is not None else getattr(module, "is_causal", True),
+    )
+
+
 def _row_logits(
-    module: nn.Module, query: Tensor, key: Tensor, mask: Tensor | None, scaling: float | None, rows: _Rows,
-    is_causal: bool | None,
+    query: Tensor, key: Tensor, mask: Tensor | None, rows: _Rows, options: _LogitOptions
 ) -> tuple[Tensor, Tensor | None]:
-    """Scaled scores ``[batch, heads, r, k_len]`` of the chosen rows and the additive mask of those rows
-    (broadcastable, or ``None``), both in :func:`~.functional.compute_dtype` of the query, computed as eager attention
-    does, without repeating the KV heads."""
+    """Logits ``[batch, heads, r, k_len]`` of the chosen rows (scaled and soft-capped scores) and the additive mask
+    of those rows (broadcastable, or ``None``), both in :func:`~.functional.compute_dtype` of the query, computed
+    as eager attention does, without repeating the KV heads."""
     batch, heads, q_len, dim = query.shape
     kv_heads, k_len = key.shape[1], key.shape[2]
     q = _gather_rows(query, rows)
     r = q.shape[2]
-    scale = scaling if scaling is not None else dim**-0.5
+    scale = options.scaling if options.scaling is not None else dim**-0.5
     scores = (q * scale).reshape(batch, kv_heads, (heads // kv_heads) * r, dim) @ key.transpose(-1, -2)
     scores = scores.view(batch, heads, r, k_len).to(compute_dtype(query.dtype))
+    if options.softcap is not None:
+        scores = torch.tanh(scores / options.softcap) * options.softcap
     if mask is None:
-        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-        if not causal or q_len == 1:
+        # transformers leaves the mask out only where the causal pattern says it all (a sliding window then covers
+        # every key); SDPA then runs with `is_causal`, aligned to the top left, and without it for a single row.
+        if not options.is_causal or q_len == 1:
             return scores, None
-        # SDPA's `is_causal` (used when the mask is skipped) aligns the causal mask to the top left.
         positions = rows.index if rows.index is not None else torch.arange(q_len, device=query.device)[None]
         allowed = (torch.arange(k_len, device=query.device) <= positions[..., None]).unsqueeze(1)
     elif mask.dtype == torch.bool:
@@ -342,9 +394,10 @@ def _row_logits(
     return scores, torch.where(allowed, scores.new_zeros(()), -math.inf)
 
 
-def _row_weights(module: nn.Module, query: Tensor, key: Tensor, mask: Tensor | None, scaling: float | None,
-                 rows: _Rows, kwargs: dict) -> tuple[Tensor, Tensor | None, Tensor]:
-    scores, bias = _row_logits(module, query, key, mask, scaling, rows, kwargs.get("is_causal"))
+def _row_weights(
+    query: Tensor, key: Tensor, mask: Tensor | None, rows: _Rows, options: _LogitOptions
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    scores, bias = _row_logits(query, key, mask, rows, options)
     weights = torch.softmax(scores if bias is None else scores + bias, dim=-1)
     return scores, bias, weights
 
@@ -376,14 +429,15 @@ def _attend(
         return base_function(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
     if dropout > 0:
         raise ValueError("Attention reallocation is an inference-time method; call model.eval() (dropout > 0).")
+    options = _logit_options(module, scaling, kwargs)
     gated = _gated(settings, context, positions)
     keys = _key_masks(
-        positions, query.shape[0], query.shape[2], key.shape[2], settings.rows == "all", record, gated,
-        active.rule.needs,
+        positions, query.shape[0], query.shape[2], key.shape[2], options.sliding_window, settings.rows == "all",
+        record, gated, active.rule.needs,
     )
 
     if record and keys.recorded is not None:
-        scores, bias, before = _row_weights(module, query, key, mask, scaling, keys.recorded, kwargs)
+        scores, bias, before = _row_weights(query, key, mask, keys.recorded, options)
         after = active.rule(scores, bias, before, keys) if apply else before
         active.diagnostics.record(
             module.layer_idx, before, after, keys.recorded_positions, keys.recorded.ok, keys.visual,
@@ -393,7 +447,7 @@ def _attend(
     rows = keys.rows
     if not apply or rows is None:
         return base_function(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
-    scores, bias, weights = _row_weights(module, query, key, mask, scaling, rows, kwargs)
+    scores, bias, weights = _row_weights(query, key, mask, rows, options)
     new = active.rule(scores, bias, weights, keys)
     batch, heads, r, k_len = new.shape
     kv_heads, dim = value.shape[1], value.shape[-1]
@@ -635,6 +689,44 @@ def _check_gate(
     return gate
 
 
+def _base_implementation(target: nn.Module, modules: Collection[nn.Module], previous: str) -> str:
+    """The implementation AR runs on top of (``"sdpa"`` or ``"eager"``); ``ValueError`` naming the model and what
+    works instead where AR could not reproduce the model's attention exactly."""
+    name = type(target).__name__
+    if not uses_attention_interface(target):
+        raise ValueError(
+            f"Attention reallocation cannot run on {name}: it computes attention inside its own attention modules "
+            "instead of calling transformers' AttentionInterface (Bloom and Falcon add their ALiBi position biases "
+            "there), so AR can neither compute nor change its attention weights. AR runs on models whose attention "
+            "goes through the interface with 'sdpa' or 'eager' (Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3, GPT-2, "
+            "OPT, GPT-NeoX, Mixtral, Qwen2-MoE, ...)."
+        )
+    if any(getattr(module, "sinks", None) is not None for module in modules):
+        raise ValueError(
+            f"Attention reallocation cannot run on {name}: its attention sinks (GPT-OSS: a learned logit per head "
+            "that takes part in the softmax and is dropped after it) are not part of the rows AR computes, so the "
+            "weights AR changes would not be the model's."
+        )
+    base = previous.removeprefix(PREFIX)
+    if base not in BASE_IMPLEMENTATIONS:
+        raise ValueError(
+            f"Attention reallocation runs on top of {list(BASE_IMPLEMENTATIONS)} attention, but {name} uses "
+            f"{previous!r} (AR computes its rows as explicit weights, which flex attention's block masks and score "
+            "functions do not give); call model.set_attn_implementation('sdpa') first, or 'eager' for models "
+            "without SDPA (Gemma 2)."
+        )
+    if base == "eager":
+        for module in modules:
+            _eager_function(type(module))
+            if getattr(module, "reorder_and_upcast_attn", False):  # GPT-2 takes its own path on plain "eager" only
+                raise ValueError(
+                    f"Attention reallocation on 'eager' cannot run on {name} with reorder_and_upcast_attn=True: "
+                    f"{type(module).__name__} then computes attention outside AttentionInterface on 'eager' only. "
+                    "Call model.set_attn_implementation('sdpa') first."
+                )
+    return base
+
+
 @contextlib.contextmanager
 def attention_reallocation(
     model: nn.Module,
@@ -703,15 +795,7 @@ def attention_reallocation(
             validate_modality_ids(modality_ids)
         scope = ContextScope()
     previous = attn_implementation(target)
-    base = previous.removeprefix(PREFIX)
-    if base not in BASE_IMPLEMENTATIONS:
-        raise ValueError(
-            f"Attention reallocation runs on top of {list(BASE_IMPLEMENTATIONS)} attention, but the model uses "
-            f"{previous!r}; call model.set_attn_implementation('sdpa') first."
-        )
-    if base == "eager":
-        for module in modules:
-            _eager_function(type(module))
+    base = _base_implementation(target, modules, previous)
 
     described = {**settings.__dict__, "layers": sorted(settings.layers), "gate": describe_gate(settings.gate)}
     diagnostics = ReallocationDiagnostics(settings=described) if record else None
