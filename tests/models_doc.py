@@ -34,8 +34,11 @@ edit by hand (`tests/test_models_doc.py` fails when this file is stale).
 - **Modality ids**: on a multimodal model they are read off `input_ids` by the placeholder token ids its config names
   (`peft_mose/modality_tokens.py`) when the call passes none; `modality_ids=` still wins. Text LMs take them from the
   caller.
-- **AR / gate**: "exact" means tested against a float64 oracle and bit for bit equal to the model where AR changes
-  nothing; the conflict gate's probes are the model's own forward of the call's inputs with a modality left out.
+- **AR / gate**: for a text model "exact" means tested against a float64 oracle on the model's own eager attention and
+  bit for bit equal to the model where AR changes nothing; a multimodal model runs AR in its language model (one of
+  those families): tau=inf is the model bit for bit, only the response rows of samples with visual and audio tokens
+  change, and the ids read off the tokens give what passed ids give. The conflict gate's probes are the model's own
+  forward of the call's inputs with a modality left out, equal to that forward written by hand.
 """
 
 
@@ -59,7 +62,7 @@ def render() -> str:
         case = build_native(name)
         model_class = type(case.model).__name__ + (" (audio in video)" if "interleaved" in name else "")
         lines.append(f"| `{model_class}` | `{language_model_prefix(case.model)}` | {_targets(case.model)} | "
-                     f"{_placeholders(case.model.config)} | exact | the model's own forward |")
+                     f"{_placeholders(case.model.config)} | in its language model | the model's own forward |")
     lines += [f"| `{model_class}` | | | | | {reason} |" for model_class, reason in NOT_BUILT.items()]
     lines += ["", "## Text models\n", "| model class | default targets | AR and conflict gate |", "|---|---|---|"]
     for name in sorted(TEXT_MODELS):
