@@ -72,7 +72,8 @@ def interleaved(candidates: dict[str, Callable[[], Any]], repeats: int, warmup: 
 
 def build_models(shape: dict, dtype: torch.dtype, device: str) -> dict[str, torch.nn.Module]:
     torch.manual_seed(0)
-    base = LlamaForCausalLM(LlamaConfig(**shape)).to(device=device, dtype=dtype).eval()
+    with torch.device(device):  # initialised where it runs: a 7B random init on the CPU takes minutes
+        base = LlamaForCausalLM(LlamaConfig(**shape)).to(dtype=dtype).eval()
     lora = get_peft_model(copy.deepcopy(base), LoraConfig(r=RANK, lora_alpha=16, lora_dropout=0.0,
                                                           target_modules=TARGETS, init_lora_weights=False))
     mose = get_peft_model(copy.deepcopy(base), MoSEConfig(r=RANK, n_experts=N_EXPERTS, lora_dropout=0.0,

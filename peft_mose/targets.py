@@ -47,16 +47,20 @@ def default_targets(model: nn.Module, target_modules: str | Iterable[str] | None
             f"MoSE has no default targets for {type(model).__name__}, which has no language model decoder "
             "(`get_decoder()`): pass `target_modules`, the linear layers that process the token sequence."
         )
-    layers = _linear_layers(model, prefix)
-    names = {name.rsplit(".", 1)[-1] for name in layers}
-    chosen = names if is_all_linear else next((set(group) for group in QUERY_VALUE if names.issuperset(group)), None)
+    if is_all_linear:
+        layers = _layers(model, prefix, lambda module: isinstance(module, (nn.Linear, Conv1D, BaseTunerLayer)))
+        return {name.rsplit(".", 1)[-1] for name in layers}, layers
+    # by name, whatever the type: a q_proj that MoSE cannot adapt (e.g. a packed quantized kernel) is refused with
+    # its name when the adapter is created, rather than silently left out
+    modules = _layers(model, prefix, lambda module: True)
+    names = {name.rsplit(".", 1)[-1] for name in modules}
+    chosen = next((set(group) for group in QUERY_VALUE if names.issuperset(group)), None)
     if not chosen:
         raise ValueError(
             f"MoSE found no attention query/value projection ({', '.join('/'.join(g) for g in QUERY_VALUE)}) in the "
-            f"language model of {type(model).__name__} (its linear layers: {sorted(names)}): pass `target_modules`, "
-            "or target_modules='all-linear'."
+            f"language model of {type(model).__name__}: pass `target_modules`, or target_modules='all-linear'."
         )
-    return chosen, layers
+    return chosen, [name for name in modules if name.rsplit(".", 1)[-1] in chosen]
 
 
 def check_targets(model: nn.Module, matches: Callable[[str], bool], target_modules: object) -> None:
@@ -85,13 +89,17 @@ def _inside(name: str, prefix: str) -> bool:
     return not prefix or name == prefix or name.startswith(prefix + ".")
 
 
-def _linear_layers(model: nn.Module, prefix: str) -> list[str]:
-    """Full names of the linear and ``Conv1D`` layers of the language model at ``prefix``; a layer an adapter already
-    wraps counts under its own name (not its ``base_layer``)."""
+def _layers(model: nn.Module, prefix: str, accept: Callable[[nn.Module], bool]) -> list[str]:
+    """Full names of the modules of the language model at ``prefix`` that ``accept`` takes; a layer an adapter already
+    wraps counts under its own name, and its inside (``base_layer``, the adapter's modules) is not looked into."""
     found: list[str] = []
+    wrapped: list[str] = []
     for name, module in model.named_modules():
-        if name == prefix or not _inside(name, prefix) or any(name.startswith(f + ".") for f in found):
+        if name == prefix or not _inside(name, prefix) or any(name.startswith(w + ".") for w in wrapped):
             continue
-        if isinstance(module, (nn.Linear, Conv1D, BaseTunerLayer)):
+        if isinstance(module, BaseTunerLayer):
+            wrapped.append(name)
+            found.append(name)
+        elif accept(module):
             found.append(name)
     return found

@@ -1,12 +1,14 @@
 """No silent non-training: a ``TrainerCallback`` that stops a run whose trainable parameters received no gradient or
 did not change over its first optimizer steps, naming the cause when it is a known one (docs/quantization.md).
 
-Standalone: imports only torch and transformers.
+Standalone: imports only torch, accelerate and transformers.
 """
 
 from __future__ import annotations
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import DistributedType
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 BNB_CPU_REPACK = (
@@ -50,7 +52,9 @@ class TrainingProgressCallback(TrainerCallback):
         if not self._params:
             raise TrainingProgressError("The model has no trainable parameter (every requires_grad is False).")
         self._start = {name: _fingerprint(p) for name, p in self._params.items()}
-        self._gradient = bool(args.deepspeed)  # ZeRO keeps gradients in its own buffers: only the change is checked
+        # ZeRO keeps gradients in its own buffers (--deepspeed, or DeepSpeed through `accelerate launch`): only the
+        # change is checked
+        self._gradient = bool(args.deepspeed) or PartialState().distributed_type == DistributedType.DEEPSPEED
         self._checked = False
         self._seen = 0  # optimizer steps of this training session (a resumed run is checked afresh)
 
