@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,13 +117,20 @@ def read_subtitles(path: str | Path, column: str | None = None) -> dict[str, str
     return subtitles
 
 
+# numpy parses a .npy header with ast.literal_eval, and CPython 3.11's parser is not thread-safe: reading features from
+# the dataset's thread pool failed once with "SystemError: AST constructor recursion depth mismatch" (3.11.7). Headers
+# are read one at a time; the data itself is memory-mapped and checked outside the lock.
+_NPY_HEADER = threading.Lock()
+
+
 def read_feature(path: Path, sample: str, shapes: Sequence[tuple[int, ...]]) -> np.ndarray:
     """Memory-map a feature ``.npy`` (never unpickling) and check that its shape is one of ``shapes`` and that every
     value is finite (which reads the whole file); problems raise :class:`SampleError`."""
     if not path.is_file():
         raise SampleError(sample, path, "missing feature file", "no such file")
     try:
-        array = np.load(path, mmap_mode="r", allow_pickle=False)
+        with _NPY_HEADER:
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
     except ValueError as err:
         raise SampleError(sample, path, "unreadable feature file", str(err)) from None
     if tuple(array.shape) not in shapes or not np.issubdtype(array.dtype, np.floating):
