@@ -31,6 +31,13 @@ def language_model_prefix(model: nn.Module) -> str | None:
     decoder = get_decoder() if callable(get_decoder) else None
     if not isinstance(decoder, nn.Module):
         return None
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if decoder is model and text_config is not config:
+        # some releases' multimodal classes return themselves (Qwen2.5-Omni's thinker on transformers 5.4): the
+        # language model is then the outermost module that holds the text config
+        return next((name for name, module in model.named_modules()
+                     if name and getattr(module, "config", None) is text_config), "")  # fmt: skip
     return next((name for name, module in model.named_modules() if module is decoder), None)
 
 
