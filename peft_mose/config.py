@@ -115,8 +115,9 @@ class MoSEConfig(PeftConfig):
         default=None,
         metadata={
             "help": (
-                "Module names (exact or suffix match) or a regex of the linear/Conv1D layers to adapt. Defaults per "
-                "architecture, e.g. q_proj and v_proj for the llama family, as Emotion-LLaMA's LoRA."
+                "Module names (exact or suffix match) or a regex of the linear/Conv1D layers to adapt. Default: the "
+                "language model's attention q/v (fused qkv where fused), as Emotion-LLaMA's LoRA; 'all-linear': "
+                "every linear layer of the language model. Layers outside it (encoders, projectors) are refused."
             )
         },
     )
