@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from recipe_helpers import run_args
 from mosear_recipes import evaluate_cli, finetune
@@ -126,6 +128,7 @@ def test_a_run_folder_with_an_adapter_of_other_options_is_refused(copy_of):
     config = json.loads((copy_of / "run_config.json").read_text())
     config["arguments"]["model"]["lora_alpha"] = 32
     (copy_of / "run_config.json").write_text(json.dumps(config))
+    (copy_of / "model_manifest.json").unlink()  # with it, the edited run_config.json is refused before (test below)
     with pytest.raises(ValueError, match=r"lora_alpha: 32 in the run's options, 16 in .*adapter"):
         load_trained(copy_of)
 
@@ -133,6 +136,48 @@ def test_a_run_folder_with_an_adapter_of_other_options_is_refused(copy_of):
 def test_init_from_a_run_with_other_mose_options_is_refused(tiny, finished, tmp_path):
     with pytest.raises(ValueError, match=r"--init_from .* other MoSE options than this run's: lora_alpha: 32"):
         finetune.main(run_args(tiny, tmp_path / "s2", "--init_from", str(finished), "--lora_alpha", "32"))
+
+
+def _retrained(path: Path) -> None:
+    """Replace a safetensors file by one with the same tensors, shapes and metadata but other values: the same file
+    of another run of the same configuration."""
+    with safe_open(str(path), "pt") as handle:
+        metadata = handle.metadata()
+        tensors = {k: handle.get_tensor(k) + 0.01 for k in handle.keys()}
+    save_file(tensors, str(path), metadata=metadata)
+
+
+@pytest.mark.parametrize("part", ["projectors.safetensors", "adapter/adapter_model.safetensors", "run_config.json"])
+def test_a_run_folder_holding_a_part_of_another_run_is_refused_naming_it(copy_of, tmp_path, tiny, part):
+    if part == "run_config.json":
+        config = json.loads((copy_of / part).read_text())
+        config["arguments"]["training"]["seed"] += 1  # another run of the same options
+        (copy_of / part).write_text(json.dumps(config))
+    else:
+        _retrained(copy_of / part)
+    message = rf"{copy_of} does not hold the model its run wrote.*{copy_of / part} changed"
+    with pytest.raises(ValueError, match=message):
+        load_trained(copy_of)
+    with pytest.raises(ValueError, match=message):
+        finetune.main(run_args(tiny, tmp_path / "s2", "--init_from", str(copy_of)))
+    assert not (tmp_path / "s2" / "run_config.json").exists()
+
+
+def test_a_checkpoint_with_replaced_weights_is_refused_and_an_edited_inference_mode_is_not(copy_of):
+    config_file = copy_of / "adapter" / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config["inference_mode"] = not config["inference_mode"]
+    config_file.write_text(json.dumps(config))
+    load_trained(copy_of)  # harmless field: loads
+    _retrained(copy_of / "checkpoint-4" / "projectors.safetensors")
+    with pytest.raises(ValueError, match=r"checkpoint-4 does not hold the model.*projectors.safetensors changed"):
+        load_trained(copy_of, weights_dir=copy_of / "checkpoint-4")
+
+
+def test_a_run_without_its_model_manifest_loads_with_a_warning(copy_of, caplog):
+    (copy_of / "model_manifest.json").unlink()
+    load_trained(copy_of)
+    assert "has no model_manifest.json or manifest.json: its files cannot be checked" in caplog.text
 
 
 def test_another_base_model_is_refused_by_the_loaders(tiny, finished, tmp_path, caplog):

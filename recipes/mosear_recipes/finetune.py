@@ -34,7 +34,8 @@ from .merr.dataset import CAPTION_FILES, SUBTITLE_FILE, KeyedSamples, MERRDatase
 from .merr.references import merr_references
 from .merr.sampler import SingleTaskBatchSampler
 from .merr.synthetic import FILES as SYNTHETIC_FILES
-from .modeling import build_model, merged_lora, reference_batch, write_reference_outputs
+from .manifests import MODEL_FILES, MODEL_MANIFEST, write_manifest
+from .modeling import build_model, check_init_source, merged_lora, reference_batch, write_reference_outputs
 from .run_config import EVAL_DIR, REFERENCE_FILE, RUN_CONFIG, RunConfig, StageConfig, base_model_identity
 from .run_folder import check_init_from, check_output_dir, check_resume_agrees, clear_previous_run, output_lock
 from .scoring import ScoringConfig, markdown_table, score, warn_skipped, write_report
@@ -165,6 +166,10 @@ def _train(config: FinetuneConfig, output_dir: Path) -> dict | None:
     )
     if resume and (output_dir / RUN_CONFIG).is_file():
         check_resume_agrees(RunConfig.read(output_dir), run_config, output_dir / RUN_CONFIG)
+    # A resumed run starts from its checkpoint, which holds every trainable tensor.
+    init_dir = Path(model_args.init_from) if model_args.init_from and not resume else None
+    if init_dir is not None:
+        check_init_source(init_dir, model_args, model_path)
     if args.should_save:
         if args.overwrite_output_dir:
             clear_previous_run(output_dir)
@@ -173,8 +178,6 @@ def _train(config: FinetuneConfig, output_dir: Path) -> dict | None:
         run_config.write(output_dir)
     encoder = PromptEncoder(load_tokenizer(model_path), spec.n_patch_tokens, audio_repeat=config.data.audio_repeat)
     set_seed(args.seed)
-    # A resumed run starts from its checkpoint, which holds every trainable tensor.
-    init_dir = Path(model_args.init_from) if model_args.init_from and not resume else None
     model = build_model(model_args, model_path, spec, encoder.tokenizer, init_dir)
     sampler = SingleTaskBatchSampler(
         train,
@@ -203,10 +206,13 @@ def _train(config: FinetuneConfig, output_dir: Path) -> dict | None:
     trainer.save_model(str(output_dir))
     batch = reference_batch(train, encoder)
     write_reference_outputs(trainer.model, batch, output_dir / REFERENCE_FILE, args.device, args.should_save)
+    if args.should_save:
+        write_manifest(output_dir, trainer.state.global_step, MODEL_FILES, MODEL_MANIFEST)
     result = None
     if evaluation is not None:
         result = evaluate(trainer.model, encoder, evaluation, config, output_dir / EVAL_DIR)
-    logger.info("Saved the adapter, projectors, run configuration, loss curve and reference outputs to %s.", output_dir)
+    logger.info("Saved the adapter, projectors, run configuration, loss curve, reference outputs and the model's manifest "
+                "to %s.", output_dir)
     return result
 
 

@@ -11,10 +11,7 @@ anything of it is loaded. What this does and cannot guarantee: docs/recipes.md, 
 from __future__ import annotations
 
 import errno
-import hashlib
-import json
 import logging
-import os
 import shutil
 from pathlib import Path
 
@@ -27,56 +24,15 @@ from transformers import (
 )
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .textfiles import load_json
+from .manifests import MANIFEST, changed_files, folder_files, read_listed, write_manifest
 
 logger = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
 REFUSED_SUFFIX = ".refused"
-MANIFEST_FORMAT = 1
-_CHUNK = 1 << 20
 
 
 class CheckpointError(ValueError):
     """A checkpoint that is incomplete or damaged, or that could not be saved."""
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _files(directory: Path) -> dict[str, Path]:
-    """``{relative path: path}`` of every file in a checkpoint but its manifest (and a manifest being written)."""
-    files = {p.relative_to(directory).as_posix(): p for p in directory.rglob("*") if p.is_file()}
-    return {name: path for name, path in files.items() if not name.startswith(MANIFEST)}
-
-
-def write_manifest(directory: Path, step: int) -> Path:
-    """Write ``directory/manifest.json`` listing every file with its size and SHA-256, after flushing each to disk;
-    written to a temporary name and renamed, so that a manifest is either complete or absent."""
-    entries = {}
-    for name, path in sorted(_files(directory).items()):
-        with path.open("rb") as handle:
-            os.fsync(handle.fileno())  # the data the manifest vouches for is on disk before the manifest is
-        entries[name] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
-    manifest = directory / MANIFEST
-    partial = directory / f"{MANIFEST}.tmp"
-    with partial.open("w", encoding="utf-8") as handle:
-        json.dump({"format": MANIFEST_FORMAT, "step": step, "files": entries}, handle, indent=1)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(partial, manifest)
-    descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)  # the rename itself
-    finally:
-        os.close(descriptor)
-    return manifest
 
 
 def checkpoint_problems(directory: Path) -> list[str]:
@@ -90,19 +46,12 @@ def checkpoint_problems(directory: Path) -> list[str]:
             "written by merr_finetune.py"
         ]
     try:
-        listed = load_json(manifest)["files"]
-    except (ValueError, KeyError, TypeError) as err:
-        return [f"{manifest} is unreadable ({err})"]
-    present = _files(directory)
-    problems = [f"{directory / name} is missing" for name in sorted(set(listed) - set(present))]
-    problems += [f"{present[n]} was added after the checkpoint was written" for n in sorted(set(present) - set(listed))]
-    for name in sorted(set(listed) & set(present)):
-        size = present[name].stat().st_size
-        if size != listed[name]["size"]:
-            problems.append(f"{present[name]} changed: {size} bytes, {listed[name]['size']} when written")
-        elif file_sha256(present[name]) != listed[name]["sha256"]:
-            problems.append(f"{present[name]} changed: its SHA-256 differs from the one written")
-    return problems
+        listed = read_listed(manifest)
+    except ValueError as err:
+        return [str(err)]
+    present = folder_files(directory)
+    added = [f"{present[n]} was added after the checkpoint was written" for n in sorted(set(present) - set(listed))]
+    return changed_files(directory, listed, listed) + added
 
 
 def checkpoints(run_dir: Path) -> list[Path]:

@@ -63,14 +63,13 @@ def build_model(
     init_dir: Path | None = None,
 ) -> EmotionLlama:
     """The frozen LLM (with the checkpoint's LoRA merged in under ``--merge_checkpoint_lora``) with a MoSE adapter,
-    plus trainable projectors; initialised from ``init_dir`` (adapter and projectors) when given, else the projectors
-    from ``--projector_checkpoint`` when given."""
+    plus trainable projectors; initialised from ``init_dir`` (adapter and projectors, which
+    :func:`check_init_source` must have accepted) when given, else the projectors from ``--projector_checkpoint``."""
     base = load_base_llm(model_path, merged_lora(model_args), model_args.quantization)
     llm = get_peft_model(base, model_args.mose_config())
     projectors = EmotionLlamaProjectors.from_spec(spec, llm.config.hidden_size)
     model = EmotionLlama(llm, projectors, tokenizer.pad_token_id)
     if init_dir is not None:
-        check_init_source(init_dir, model_args, model_path)
         load_trained_weights(model, init_dir)
     elif model_args.projector_checkpoint:
         logger.info("%s", load_projector_checkpoint(projectors, model_args.projector_checkpoint).summary())

@@ -14,12 +14,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .integrity import checkpoints
+from .manifests import MODEL_MANIFEST
 from .run_config import ADAPTER_DIR, EVAL_DIR, LOSS_CURVE, PROJECTORS_FILE, REFERENCE_FILE, RUN_CONFIG, RunConfig
 
 logger = logging.getLogger(__name__)
 
 LOCK_FILE = "run.lock"
-RUN_FILES = (RUN_CONFIG, ADAPTER_DIR, PROJECTORS_FILE, REFERENCE_FILE, LOSS_CURVE, EVAL_DIR)
+RUN_FILES = (RUN_CONFIG, ADAPTER_DIR, PROJECTORS_FILE, REFERENCE_FILE, MODEL_MANIFEST, LOSS_CURVE, EVAL_DIR)
 # The arguments a resumed run must share with the run it resumes, by group: those that change what it trains (paths,
 # --max_steps, the end-of-run evaluation and the logging options may differ: a moved run folder resumes).
 RESUME_ARGUMENTS = {
