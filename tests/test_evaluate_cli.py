@@ -109,7 +109,7 @@ def test_scope_all_and_grouping_file_change_the_scores(tmp_path):
 
 
 def test_recognition_without_subsets(tmp_path, capsys):
-    result = run(tmp_path, RECOGNITION_PREDS, RECOGNITION_REFS, "--task", "recognition")
+    result = run(tmp_path, RECOGNITION_PREDS, RECOGNITION_REFS, "--scoring", "recognition")
     # Emotion-LLaMA parser: "...joyful." -> neutral.
     # y_pred = happy, neutral, sad, sad; y_true = happy, happy, sad, neutral
     # accuracy 2/4; recall happy 1/2, sad 1, neutral 0 -> UAR 1/2
@@ -123,7 +123,7 @@ def test_recognition_without_subsets(tmp_path, capsys):
     assert "| Model | Neutral | Happy | Sad | Acc. | W-F1 | UAR | WAR |" in capsys.readouterr().out
 
     # The robust parser reads "joyful" as happy: 3 of 4 correct.
-    result = run(tmp_path, RECOGNITION_PREDS, RECOGNITION_REFS, "--task", "recognition", "--parser", "robust")
+    result = run(tmp_path, RECOGNITION_PREDS, RECOGNITION_REFS, "--scoring", "recognition", "--parser", "robust")
     assert result["scores"]["overall"]["accuracy"] == 0.75
     assert result["settings"]["grouping"] == "default"
 
@@ -131,7 +131,7 @@ def test_recognition_without_subsets(tmp_path, capsys):
 def test_recognition_with_subsets_and_dfew_labels(tmp_path):
     subsets = ["video_aligned", "audio_aligned", "audio_aligned", "consistent"]
     refs = [dict(r, subset=s) for r, s in zip(RECOGNITION_REFS, subsets)]
-    result = run(tmp_path, RECOGNITION_PREDS, refs, "--task", "recognition", "--labels", "dfew")
+    result = run(tmp_path, RECOGNITION_PREDS, refs, "--scoring", "recognition", "--labels", "dfew")
     assert result["scores"]["video_aligned"]["accuracy"] == 1.0
     assert result["scores"]["audio_aligned"]["accuracy"] == 0.5
     assert result["gap"]["accuracy"] == -0.5
@@ -155,9 +155,9 @@ def test_library_entry_points_for_a_model_running_mode(tmp_path):
 
 
 def test_markdown_table_rejects_rows_with_different_columns():
-    reasoning = {"task": "reasoning", "scores": {"overall": {"accuracy": 1, "recall": 1, "average": 1}}, "gap": None}
+    reasoning = {"scoring": "reasoning", "scores": {"overall": {"accuracy": 1, "recall": 1, "average": 1}}, "gap": None}
     recognition = {
-        "task": "recognition",
+        "scoring": "recognition",
         "scores": {"overall": {"accuracy": 1, "weighted_f1": 1, "uar": 1, "war": 1, "per_class_recall": {}}},
         "gap": None,
     }
@@ -172,7 +172,7 @@ def _lines(*records: object) -> str:
 GOOD_PREDS = _lines({"id": "a", "prediction": "sad"}, {"id": "b", "prediction": "happy"})
 GOOD_REFS = _lines({"id": "a", "reference": "sad"}, {"id": "b", "reference": "happy"})
 LABEL_REFS = _lines({"id": "a", "label": "sad"}, {"id": "b", "label": "happy"})
-RECOGNITION = ["--task", "recognition"]
+RECOGNITION = ["--scoring", "recognition"]
 
 
 def bad(preds: str, refs: str, message: str, *extra: str, name: str) -> object:
@@ -212,7 +212,7 @@ BAD_INPUTS = [
     bad(
         GOOD_PREDS,
         _lines({"id": "a"}, {"id": "b", "reference": "x"}),
-        r"refs.jsonl:1 \(id 'a'\): the reasoning task needs a field 'reference'",
+        r"refs.jsonl:1 \(id 'a'\): reasoning scoring needs a field 'reference'",
         name="no-reference-field",
     ),
     bad(
@@ -255,14 +255,14 @@ BAD_INPUTS = [
     bad(
         GOOD_PREDS,
         GOOD_REFS,
-        r"refs.jsonl:1 \(id 'a'\): the recognition task needs a string field 'label'",
+        r"refs.jsonl:1 \(id 'a'\): recognition scoring needs a string field 'label'",
         *RECOGNITION,
         name="no-label",
     ),
     bad(
         _lines({"id": "a", "prediction": ["sad"]}, {"id": "b", "prediction": "happy"}),
         LABEL_REFS,
-        r"Prediction for id 'a' must be generated text for the recognition task",
+        r"Prediction for id 'a' must be generated text for recognition scoring",
         *RECOGNITION,
         name="word-list-for-recognition",
     ),

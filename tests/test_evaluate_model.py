@@ -69,7 +69,7 @@ def _base_args(tiny, out: Path, *extra: str) -> list[str]:
 def recognition_run(tiny, checkpoint, tmp_path_factory) -> Path:
     """The base model's recognition evaluation, with and without AR."""
     out = tmp_path_factory.mktemp("recognition")
-    argv = _base_args(tiny, out, "--projector_checkpoint", str(checkpoint), "--task", "recognition",
+    argv = _base_args(tiny, out, "--projector_checkpoint", str(checkpoint), "--scoring", "recognition",
                       "--strategies", "none,ar", "--tau", "0", "--max_new_tokens", "3")  # fmt: skip
     assert evaluate_cli.main(argv) == 0
     return out
@@ -155,7 +155,7 @@ def test_base_model_rows_predictions_and_rescoring(tiny, recognition_run):
     assert summary[1]["settings"]["generation"]["tau"] == 0.0 and (out / "scores.png").stat().st_size > 0
     # Scoring mode on the written files gives the same scores.
     rescored = out / "rescored"
-    argv = ["--task", "recognition", "--predictions", str(out / "predictions_ar.jsonl"),
+    argv = ["--scoring", "recognition", "--predictions", str(out / "predictions_ar.jsonl"),
             "--references", str(out / "references.jsonl"), "--out_dir", str(rescored)]  # fmt: skip
     assert evaluate_cli.main(argv) == 0
     again = json.loads((rescored / "scores.json").read_text())
@@ -175,7 +175,7 @@ def test_reasoning_with_the_base_model_scores_each_subset(tiny, weights, tmp_pat
     summary = json.loads((out / "scores.json").read_text())
     assert [row["name"] for row in summary] == ["Plain LLM", "Plain LLM + PAI"]
     for row in summary:
-        assert row["task"] == "reasoning" and list(row["scores"]) == [*SUBSETS, "overall"]
+        assert row["scoring"] == "reasoning" and list(row["scores"]) == [*SUBSETS, "overall"]
         assert [row["scores"][s]["num_samples"] for s in SUBSETS] == [4, 4, 4]
         assert all(0 <= row["scores"][s][m] <= 1 for s in row["scores"] for m in ("accuracy", "recall", "average"))
         assert row["settings"]["generation"]["instruction"] == REASON_INSTRUCTIONS[0]

@@ -44,7 +44,7 @@ def test_pai_mode_reaches_the_attention_block_and_the_scores(
     monkeypatch.setattr(emotion_llama_model, "attention_reallocation", recording_block)
     out = tmp_path / "out"
     extra = ["--pai_mode", mode] if mode else []
-    argv = _base_args(tiny, out, "--projector_checkpoint", str(checkpoint), "--task", "recognition",
+    argv = _base_args(tiny, out, "--projector_checkpoint", str(checkpoint), "--scoring", "recognition",
                       "--strategies", "none,pai", "--alpha", "2", "--max_new_tokens", "2", *extra)  # fmt: skip
     assert evaluate_cli.main(argv) == 0
     expected = mode or "logits"

@@ -428,7 +428,7 @@ def test_evaluate_runs_the_trained_model_with_and_without_attention_reallocation
 
     out, trained_result = default_run
     eval_dir = tmp_path / "eval"
-    assert evaluate_cli.main(["--task", "recognition", "--run_dir", str(out), "--out_dir", str(eval_dir),
+    assert evaluate_cli.main(["--scoring", "recognition", "--run_dir", str(out), "--out_dir", str(eval_dir),
                           "--strategies", "none,ar,pai", "--tau", "0", "--max_new_tokens", "3"]) == 0
     table = (eval_dir / "scores.md").read_text()
     assert all(name in table for name in ("| MoSE |", "| MoSE + AR |", "| MoSE + PAI |"))
@@ -443,13 +443,13 @@ def test_evaluate_generates_and_scores_reasoning_with_a_trained_run(default_run,
 
     out, _ = default_run
     eval_dir = tmp_path / "eval"
-    assert evaluate_cli.main(["--task", "reasoning", "--run_dir", str(out), "--out_dir", str(eval_dir),
+    assert evaluate_cli.main(["--scoring", "reasoning", "--run_dir", str(out), "--out_dir", str(eval_dir),
                               "--name", "MoSEAR",
                           "--strategies", "none,ar", "--tau", "0", "--max_new_tokens", "8"]) == 0  # fmt: skip
     summary = json.loads((eval_dir / "scores.json").read_text())
     assert [row["name"] for row in summary] == ["MoSEAR", "MoSEAR + AR"]
     for row in summary:  # set-level scores per CA-MER subset, on the 60 test samples of the tiny default
-        assert row["task"] == "reasoning" and list(row["scores"]) == [*SUBSETS, "overall"]
+        assert row["scoring"] == "reasoning" and list(row["scores"]) == [*SUBSETS, "overall"]
         assert [row["scores"][s]["num_samples"] for s in (*SUBSETS, "overall")] == [20, 20, 20, 60]
         assert set(row["scores"]["overall"]) >= {"accuracy", "recall", "average"}
     references = [json.loads(line) for line in (eval_dir / "references.jsonl").read_text().splitlines()]
@@ -469,7 +469,7 @@ def test_evaluate_generates_and_scores_reasoning_with_a_trained_run(default_run,
 def test_evaluate_model_mode_rejects_bad_options(default_run, tmp_path, capsys, argv, message):
 
     out, _ = default_run
-    base = ["--task", "recognition", "--run_dir", str(out), "--out_dir", str(tmp_path / "eval")]
+    base = ["--scoring", "recognition", "--run_dir", str(out), "--out_dir", str(tmp_path / "eval")]
     with pytest.raises(SystemExit):
         evaluate_cli.main(base + argv)
     assert message in capsys.readouterr().err
@@ -479,7 +479,7 @@ def test_evaluate_model_mode_rejects_bad_options(default_run, tmp_path, capsys, 
 def test_evaluate_gated_ar_reports_the_trade_off_and_leaves_ungated_answers_alone(default_run, tmp_path):
     out, _ = default_run
     eval_dir = tmp_path / "eval"
-    assert evaluate_cli.main(["--task", "recognition", "--run_dir", str(out), "--out_dir", str(eval_dir),
+    assert evaluate_cli.main(["--scoring", "recognition", "--run_dir", str(out), "--out_dir", str(eval_dir),
                               "--strategies", "none,ar,ar+gate", "--tau", "0", "--gate_threshold", "0.001",
                               "--max_new_tokens", "3"]) == 0  # fmt: skip
     read = lambda name: [json.loads(line) for line in (eval_dir / name).read_text().splitlines()]  # noqa: E731
@@ -500,6 +500,6 @@ def test_evaluate_gated_ar_reports_the_trade_off_and_leaves_ungated_answers_alon
     assert set(report["detector"]) == {"precision", "recall"} and "gated_fraction" not in summary["ar"]["trade_off"]
     assert "| MoSE + AR (gated) |" in (eval_dir / "scores.md").read_text()
     with pytest.raises(SystemExit):
-        evaluate_cli.main(["--task", "recognition", "--run_dir", str(out), "--out_dir", str(tmp_path / "bad"),
+        evaluate_cli.main(["--scoring", "recognition", "--run_dir", str(out), "--out_dir", str(tmp_path / "bad"),
                            "--strategies", "ar+gate", "--gate_threshold", "2"])  # fmt: skip
     assert not (tmp_path / "bad").exists()

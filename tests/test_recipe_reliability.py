@@ -244,7 +244,7 @@ def test_scoring_mode_refuses_model_running_options_with_exit_2(tmp_path, capsys
     predictions.write_text('{"id": "a", "prediction": "happy"}\n')
     references.write_text('{"id": "a", "label": "happy"}\n')
     with pytest.raises(SystemExit) as done:
-        evaluate_cli.main(["--predictions", str(predictions), "--references", str(references), "--task",
+        evaluate_cli.main(["--predictions", str(predictions), "--references", str(references), "--scoring",
                            "recognition", "--out_dir", str(tmp_path / "out"), *option])  # fmt: skip
     assert done.value.code == 2
     assert f"{option[0]} only apply to the model-running mode" in capsys.readouterr().err

@@ -27,7 +27,7 @@ from .model_choice import (
 )
 from .model_eval import ModelEvalConfig, evaluate_model
 from .scoring import (
-    TASKS,
+    SCORINGS,
     ScoringConfig,
     load_predictions,
     load_references,
@@ -46,14 +46,14 @@ Scoring an existing predictions file (no model needed):
 
   python recipes/merr_evaluate.py --predictions preds.jsonl --references refs.jsonl --out_dir out/eval
   python recipes/merr_evaluate.py --predictions preds.jsonl --references refs.jsonl --out_dir out/eval \\
-      --task recognition --labels mer2023 --parser robust
+      --scoring recognition --labels mer2023 --parser robust
 
 Generating the answers first, with a run of recipes/merr_finetune.py (MoSE) or the base model (Emotion-LLaMA), with
 and without attention reallocation (PAI for comparison):
 
-  python recipes/merr_evaluate.py --task recognition --run_dir runs/stage2 --out_dir out/eval \\
+  python recipes/merr_evaluate.py --scoring recognition --run_dir runs/stage2 --out_dir out/eval \\
       --strategies none,ar,ar+gate,pai
-  python recipes/merr_evaluate.py --task reasoning --model_name_or_path Llama-2-7b-chat-hf --data_root MERR \\
+  python recipes/merr_evaluate.py --scoring reasoning --model_name_or_path Llama-2-7b-chat-hf --data_root MERR \\
       --projector_checkpoint Emotion_LLaMA.pth --annotation test.txt --out_dir out/eval --strategies none,ar
 
 File formats: docs/evaluation.md.
@@ -97,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="merr_evaluate.py", description=USAGE, formatter_class=_Formatter, allow_abbrev=False
     )
     parser.add_argument("--out_dir", required=True, type=Path, help="for scores.json/.md/.png and per_sample.jsonl")
-    parser.add_argument("--task", choices=TASKS, default="reasoning", help="what is scored")
+    parser.add_argument("--scoring", choices=SCORINGS, default="reasoning",
+                        help="what the answers are scored as: emotion words in reasoning, or a class label")
     scoring = parser.add_argument_group("scoring mode")
     scoring.add_argument("--predictions", type=Path, help='JSONL of {"id", "prediction"}')
     scoring.add_argument("--references", type=Path, help='JSONL of {"id", "reference"|"label", "subset"}')
@@ -139,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         grouping = load_grouping(args.grouping) if args.grouping else DEFAULT_GROUPING
         config = ScoringConfig(
-            task=args.task,
+            kind=args.scoring,
             labels=resolve_labels(args.labels),
             parser=args.parser,
             grouping=grouping,
@@ -148,12 +149,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         if model_mode:
             return _run_model(args, config)
-        references = load_references(args.references, args.task, config.labels)
+        references = load_references(args.references, args.scoring, config.labels)
         predictions = load_predictions(args.predictions)
         result, rows = score(predictions, references, config)
     except (OSError, ValueError) as error:
         parser.error(str(error))
-    warn_skipped(rows, args.task)
+    warn_skipped(rows, args.scoring)
     name = args.name or args.predictions.stem
     paths = write_report(result, rows, args.out_dir, name)
     print(paths["markdown"].read_text(encoding="utf-8"), end="")

@@ -74,7 +74,7 @@ class ModelEvalConfig:
     @property
     def prompt_task(self) -> str:
         """The MERR task whose prompt is generated from: ``emotion`` (recognition) or the reasoning task."""
-        return "emotion" if self.scoring.task == "recognition" else self.reasoning_task
+        return "emotion" if self.scoring.kind == "recognition" else self.reasoning_task
 
 
 def check_config(config: ModelEvalConfig) -> None:
@@ -191,7 +191,7 @@ def evaluate_model(config: ModelEvalConfig) -> list[tuple[str, Mapping[str, obje
     dataset, references, spec = evaluation_data(config)
     model, encoder = config.model.load(spec)
     device = next(model.parameters()).device
-    max_new_tokens = config.max_new_tokens or MAX_NEW_TOKENS[config.scoring.task]
+    max_new_tokens = config.max_new_tokens or MAX_NEW_TOKENS[config.scoring.kind]
     generation = {
         "model": str(config.model.run_dir or config.model.model_name_or_path),
         "weights": str(config.model.weights),
@@ -224,7 +224,7 @@ def evaluate_model(config: ModelEvalConfig) -> list[tuple[str, Mapping[str, obje
                    for r in references]  # fmt: skip
         write_jsonl(out / f"predictions_{strategy.value}.jsonl", records)
         result, per_sample = score(predictions, references, config.scoring)
-        warn_skipped(per_sample, config.scoring.task)
+        warn_skipped(per_sample, config.scoring.kind)
         result["settings"]["generation"] = {**generation, **_strategy_settings(strategy, config)}
         for row in per_sample:
             row["prediction"] = predictions[row["id"]]

@@ -56,12 +56,12 @@ def plot_scores(rows: Sequence[tuple[str, Mapping[str, object]]], path: str | Pa
     written vertically inside the bars and the legend sits under the panels, so nothing overlaps."""
     if not rows:
         raise ValueError("No results to plot.")
-    task = rows[0][1]["task"]
+    kind = rows[0][1]["scoring"]
     subsets = list(rows[0][1]["scores"])
     for name, result in rows:
-        if result["task"] != task or list(result["scores"]) != subsets:
-            raise ValueError(f"Result {name!r} has a different task or subsets from {rows[0][0]!r}.")
-    metrics = METRICS[task]
+        if result["scoring"] != kind or list(result["scores"]) != subsets:
+            raise ValueError(f"Result {name!r} has another scoring or other subsets than {rows[0][0]!r}.")
+    metrics = METRICS[kind]
     panel_width = max(2.6, 0.35 * len(rows) * len(subsets) + 0.8)
     figure = _figure(panel_width * len(metrics), 3.6 + 0.25 * len(rows))
     width = 0.8 / len(rows)
@@ -80,5 +80,5 @@ def plot_scores(rows: Sequence[tuple[str, Mapping[str, object]]], path: str | Pa
             axes.set_ylabel("%")
     figure.legend(*figure.axes[0].get_legend_handles_labels(), loc="outside lower center", fontsize="small",
                   ncols=min(len(rows), 4))  # fmt: skip
-    figure.suptitle(f"{task} scores per subset")
+    figure.suptitle(f"{kind} scores per subset")
     figure.savefig(path, dpi=100)

@@ -36,7 +36,7 @@ from .textfiles import parse_json, read_text
 
 logger = logging.getLogger(__name__)
 
-TASKS = ("reasoning", "recognition")
+SCORINGS = ("reasoning", "recognition")  # the paper's two evaluations (a MERR "task" is an instruction)
 _SHOWN_IDS = 5
 FALLBACK_LABEL = "neutral"  # Emotion-LLaMA's label for an answer that names none
 
@@ -45,7 +45,7 @@ Prediction = str | list[str]
 
 @dataclass(frozen=True)
 class Reference:
-    """One reference record: reasoning text or emotion words (reasoning task), a class label (recognition task)."""
+    """One reference record: reasoning text or emotion words (reasoning), a class label (recognition)."""
 
     id: str
     reference: Prediction | None = None
@@ -57,7 +57,7 @@ class Reference:
 class ScoringConfig:
     """How predictions are turned into scores; ``describe()`` is what ``scores.json`` records."""
 
-    task: str = "reasoning"
+    kind: str = "reasoning"
     labels: tuple[str, ...] = resolve_labels("mer2023")
     parser: str = "emotion_llama"
     grouping: Grouping = DEFAULT_GROUPING
@@ -67,7 +67,7 @@ class ScoringConfig:
 
     def describe(self) -> dict[str, object]:
         """The settings that affect the scores, JSON-friendly."""
-        if self.task == "recognition":
+        if self.kind == "recognition":
             described: dict[str, object] = {"labels": list(self.labels), "parser": self.parser}
             if self.parser == "robust":
                 described["grouping"] = self.grouping_source
@@ -137,7 +137,7 @@ def load_predictions(path: str | Path) -> dict[str, Prediction]:
     return predictions
 
 
-def load_references(path: str | Path, task: str, labels: Sequence[str] = ()) -> list[Reference]:
+def load_references(path: str | Path, kind: str, labels: Sequence[str] = ()) -> list[Reference]:
     """References from a JSONL file of ``{"id", "reference" (reasoning) | "label" (recognition), "subset"?}``."""
     path = Path(path)
     records = read_jsonl(path)
@@ -151,16 +151,16 @@ def load_references(path: str | Path, task: str, labels: Sequence[str] = ()) -> 
                 subset = normalize_subset(subset)
             except ValueError as error:
                 raise ValueError(f"{where}: {error}") from None
-        if task == "recognition":
+        if kind == "recognition":
             if not isinstance(record.get("label"), str):
-                raise ValueError(f"{where}: the recognition task needs a string field 'label'.")
+                raise ValueError(f"{where}: recognition scoring needs a string field 'label'.")
             label = normalize_word(record["label"])
             if label not in labels:
                 raise ValueError(f"{where}: label {record['label']!r} is not in the label set {list(labels)}.")
             references.append(Reference(sample_id, label=label, subset=subset))
         else:
             if "reference" not in record:
-                raise ValueError(f"{where}: the reasoning task needs a field 'reference'.")
+                raise ValueError(f"{where}: reasoning scoring needs a field 'reference'.")
             reference = _text_or_words(record["reference"], where, "reference")
             references.append(Reference(sample_id, reference, subset=subset))
     with_subset = [r.subset is not None for r in references]
@@ -199,17 +199,17 @@ def score(
     """Score predictions against references: ``(result, per-sample rows)``; scores per CA-MER subset when the
     references have subsets, plus ``overall`` and the audio-minus-video ``gap``; for recognition, ``fallback`` counts
     the answers that named no label and were scored as :data:`FALLBACK_LABEL`."""
-    if config.task not in TASKS:
-        raise ValueError(f"Unknown task {config.task!r}; expected one of {TASKS}.")
+    if config.kind not in SCORINGS:
+        raise ValueError(f"Unknown scoring {config.kind!r}; expected one of {SCORINGS}.")
     check_ids(predictions, references)
     subsets = [r.subset for r in references]
-    if config.task == "reasoning":
+    if config.kind == "reasoning":
         vocabulary = vocabulary_of(config.grouping)
         extractor = config.extractor or (lambda text: extract_emotion_words(text, vocabulary, config.scope))
         pred_words, ref_words, rows = [], [], []
         for ref in tqdm(references, desc="extracting emotion words", disable=None):
             if ref.reference is None:
-                raise ValueError(f"Reference for id {ref.id!r} has no reference text or words (reasoning task).")
+                raise ValueError(f"Reference for id {ref.id!r} has no reference text or words (reasoning scoring).")
             pred_words.append(_words(predictions[ref.id], extractor))
             ref_words.append(_words(ref.reference, extractor))
             accuracy, recall = sample_set_scores(pred_words[-1], ref_words[-1], config.grouping) or (None, None)
@@ -235,10 +235,10 @@ def score(
         parsed, rows = [], []
         for ref in tqdm(references, desc="parsing labels", disable=None):
             if ref.label is None:
-                raise ValueError(f"Reference for id {ref.id!r} has no label (recognition task).")
+                raise ValueError(f"Reference for id {ref.id!r} has no label (recognition scoring).")
             text = predictions[ref.id]
             if not isinstance(text, str):
-                raise ValueError(f"Prediction for id {ref.id!r} must be generated text for the recognition task.")
+                raise ValueError(f"Prediction for id {ref.id!r} must be generated text for recognition scoring.")
             parsed.append(parse(text))
             rows.append(
                 {"id": ref.id, "subset": ref.subset, "predicted_label": parsed[-1], "label": ref.label,
@@ -251,23 +251,23 @@ def score(
 
     scores = scores_by_subset(subsets, score_indices)
     result = {
-        "task": config.task,
+        "scoring": config.kind,
         "num_samples": len(references),
         "scores": scores,
-        "gap": audio_video_gap(scores, METRICS[config.task]),
+        "gap": audio_video_gap(scores, METRICS[config.kind]),
         "settings": config.describe(),
     }
-    if config.task == "recognition":
+    if config.kind == "recognition":
         result["fallback"] = {"label": FALLBACK_LABEL, "count": sum(row["fallback"] for row in rows)}
     return result, rows
 
 
 def _columns(result: Mapping[str, object]) -> list[tuple[str, tuple[str, ...]]]:
     """(header, key path into ``result``) per table column."""
-    metrics = METRICS[result["task"]]
+    metrics = METRICS[result["scoring"]]
     scores = result["scores"]
     columns = []
-    if list(scores) == ["overall"] and result["task"] == "recognition":
+    if list(scores) == ["overall"] and result["scoring"] == "recognition":
         for label in scores["overall"]["per_class_recall"]:
             columns.append((label.capitalize(), ("scores", "overall", "per_class_recall", label)))
     for subset in scores:
@@ -287,7 +287,7 @@ def markdown_table(rows: Sequence[tuple[str, Mapping[str, object]]]) -> str:
     for name, result in rows:
         columns = _columns(result)
         if [header for header, _ in columns] != headers:
-            raise ValueError(f"Result {name!r} has different columns (task or subsets) from {rows[0][0]!r}.")
+            raise ValueError(f"Result {name!r} has different columns (scoring or subsets) from {rows[0][0]!r}.")
         cells = [f"{100 * reduce(getitem, keys, result):{'+' if keys[0] == 'gap' else ''}.2f}" for _, keys in columns]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -310,10 +310,10 @@ def write_report(
     return paths
 
 
-def warn_skipped(rows: Sequence[Mapping[str, object]], task: str) -> None:
+def warn_skipped(rows: Sequence[Mapping[str, object]], kind: str) -> None:
     """Log a warning naming the reasoning samples skipped for want of an emotion word in their reference, or the
     recognition answers that named no label and were scored as :data:`FALLBACK_LABEL`."""
-    if task == "reasoning":
+    if kind == "reasoning":
         skipped = [row["id"] for row in rows if row["accuracy"] is None]
         message = "samples have no emotion word in their reference and are skipped (MER-OV convention)"
     else:
