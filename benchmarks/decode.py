@@ -1,8 +1,9 @@
 """Per-token decode latency and op counts: MoSE against PEFT LoRA at the same rank and targets, in one run.
 
-    python benchmarks/decode.py [--quick] [--threads 1 2] [--compile] [--json PATH]
+    python benchmarks/decode.py [--quick | --shape quick|full|7b-layer] [--device cpu|cuda] [--dtype float32|bfloat16]
+                                [--threads 1 2] [--compile] [--json PATH]
 
-A tiny-vocabulary Llama (hidden 1024, 4 layers) with the Emotion-LLaMA prompt layout (300 tokens: 259 visual, 1
+A tiny-vocabulary Llama (hidden 1024, 4 layers; ``7b-layer``: four layers of LLaMA-2-7B's width) with the Emotion-LLaMA prompt layout (300 tokens: 259 visual, 1
 audio), batch 1, greedy ``generate`` of ``1 + new_tokens`` tokens. Each decode step is timed alone, from one
 generated token to the next (:class:`StepClock`, a logits processor), so prefill and ``generate``'s set-up stay out;
 the models share the base weights and run in turn, each first in turn (A B C, B C A, ...); a model's figure is the
@@ -39,6 +40,8 @@ SHAPES = {
                  num_key_value_heads=16, vocab_size=256),
     "quick": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=4, vocab_size=96),
+    "7b-layer": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=4, num_attention_heads=32,
+                      num_key_value_heads=32, vocab_size=256),
 }
 RANK, N_EXPERTS, TARGETS = 64, 2, ["q_proj", "v_proj"]
 
@@ -60,11 +63,14 @@ def shared_copy(model: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(model, memo={id(p): p for p in model.parameters()})
 
 
-def build(shape: dict[str, int]) -> dict[str, torch.nn.Module]:
+def build(shape: dict[str, int], device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict[str, torch.nn.Module]:
     """The base model, LoRA and MoSE on copies of it that share its frozen weights (one copy in memory, so that no
-    model is faster for where its weights happen to lie), random adapter weights (B != 0)."""
+    model is faster for where its weights happen to lie), random adapter weights (B != 0); built on ``device`` in
+    ``dtype`` (each adapter then keeps the dtype its library gives it: PEFT LoRA and MoSE both keep float32 adapter
+    weights over a bfloat16 base)."""
     torch.manual_seed(0)
-    base = LlamaForCausalLM(LlamaConfig(**shape, attn_implementation="sdpa")).eval()
+    with torch.device(device):
+        base = LlamaForCausalLM(LlamaConfig(**shape, attn_implementation="sdpa", dtype=dtype)).to(dtype).eval()
     lora = get_peft_model(shared_copy(base), LoraConfig(r=RANK, lora_alpha=16, lora_dropout=0.0,
                                                           target_modules=TARGETS, init_lora_weights=False))
     mose = get_peft_model(shared_copy(base), MoSEConfig(r=RANK, n_experts=N_EXPERTS, lora_dropout=0.0,
@@ -120,12 +126,15 @@ def op_counts(models: dict[str, torch.nn.Module], inputs: dict) -> dict[str, dic
     return counts
 
 
-def run(shape_name: str, threads: list[int], new_tokens: int, rounds: int, compile_: bool) -> dict[str, Any]:
-    models = build(SHAPES[shape_name])
+def run(
+    shape_name: str, threads: list[int], new_tokens: int, rounds: int, compile_: bool, device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, Any]:
+    models = build(SHAPES[shape_name], device, dtype)
     modality_ids = emotion_llama_layout(8 if shape_name == "quick" else 28)[None]
-    inputs = {"modality_ids": modality_ids,
+    inputs = {"modality_ids": modality_ids.to(device),
               "input_ids": torch.randint(3, SHAPES[shape_name]["vocab_size"], modality_ids.shape,
-                                         generator=torch.Generator().manual_seed(0))}
+                                         generator=torch.Generator().manual_seed(0)).to(device)}
     if compile_:
         # transformers wraps the forwards of the model, its decoder and its attention layers in one decorator, so
         # both compiled models' prefill and decode graphs are entries of one code object: past the default limit
@@ -152,22 +161,30 @@ def run(shape_name: str, threads: list[int], new_tokens: int, rounds: int, compi
         report["ratios"][f"lora_vs_base_decode_{count}_threads"] = latency["lora"]["quiet"] / latency["base"]["quiet"]
     torch.set_num_threads(previous)
     report.update(shape=shape_name, prompt_tokens=int(modality_ids.shape[1]), new_tokens=new_tokens, rounds=rounds,
-                  rank=RANK, n_experts=N_EXPERTS, targets=TARGETS,
-                  machine={"cpu": platform.processor() or platform.machine(), "torch": torch.__version__})
+                  rank=RANK, n_experts=N_EXPERTS, targets=TARGETS, dtype=str(dtype).removeprefix("torch."),
+                  machine={"device": device, "cpu": platform.processor() or platform.machine(),
+                           "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
+                           "torch": torch.__version__})
     return report
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny model, few tokens and rounds: a smoke run")
+    parser.add_argument("--shape", choices=tuple(SHAPES), help="model shape (default: quick with --quick, else full)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (timed with a synchronize per step)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="of the base model")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch thread counts to time with")
     parser.add_argument("--new_tokens", type=int, default=None, help="decoded tokens per timing (default 32)")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 7)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd LoRA and MoSE")
     parser.add_argument("--json", type=Path, help="also write the report to this file")
     args = parser.parse_args(argv)
-    report = run("quick" if args.quick else "full", args.threads,
-                 args.new_tokens or (3 if args.quick else 32), args.rounds or (1 if args.quick else 7), args.compile)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    report = run(args.shape or ("quick" if args.quick else "full"), args.threads,
+                 args.new_tokens or (3 if args.quick else 32), args.rounds or (1 if args.quick else 7), args.compile,
+                 args.device, getattr(torch, args.dtype))
     for key, value in report["ratios"].items():
         print(f"{key:42s} {value:.3f}")
     if args.json:

@@ -12,8 +12,9 @@ python -c 'import json, peft_mose; print(json.dumps(peft_mose.environment(), ind
 status=0
 python -m pytest -q -m gpu tests/ -p no:cacheprovider --junitxml="$out/gpu-tests.xml" 2>&1 | tee "$out/gpu-tests.txt" || status=1
 timeout 180 python benchmarks/run.py --device cuda --repeats 5 --json "$out/train.json" 2>&1 | tee "$out/train.txt" || status=1
-# decode.py times on CPU only (it has no --device): a quick run records the CPU ratio beside the GPU figures
-timeout 120 python benchmarks/decode.py --quick --threads 1 --json "$out/decode.json" 2>&1 | tee "$out/decode.txt" || status=1
+# decode latency at LLaMA-2-7B's layer width (4 layers), bf16 base, eager and compiled, against LoRA
+timeout 200 python benchmarks/decode.py --shape 7b-layer --device cuda --dtype bfloat16 --threads 1 --rounds 5 \
+    --compile --json "$out/decode.json" 2>&1 | tee "$out/decode.txt" || status=1
 timeout 240 python benchmarks/memory.py --device cuda --json "$out/memory.json" 2>&1 | tee "$out/memory.txt" || status=1
 echo "results in $out (exit $status)"
 exit $status

@@ -7,6 +7,8 @@ import runpy
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -92,3 +94,21 @@ def test_step_clock_stamps_each_generated_token():
                    pad_token_id=0, logits_processor=LogitsProcessorList([clock]))
     assert len(clock.stamps) == 5 and len(clock.steps()) == 4 and clock.prefill() > 0
     assert all(step > 0 for step in clock.steps())
+
+
+def test_decode_benchmark_runs_a_bfloat16_base_and_records_where(tmp_path, monkeypatch):
+    out = tmp_path / "decode.json"
+    run_script("decode.py", ["--quick", "--threads", "1", "--dtype", "bfloat16", "--json", str(out)], monkeypatch)
+    report = json.loads(out.read_text())
+    assert report["dtype"] == "bfloat16" and report["machine"]["device"] == "cpu" and report["machine"]["gpu"] is None
+    assert report["ops"]["mose"]["decode_step"] > 0
+
+
+@pytest.mark.gpu
+def test_decode_benchmark_times_on_cuda(tmp_path, monkeypatch):
+    out = tmp_path / "decode.json"
+    run_script("decode.py", ["--quick", "--device", "cuda", "--threads", "1", "--dtype", "bfloat16", "--json",
+                             str(out)], monkeypatch)  # fmt: skip
+    report = json.loads(out.read_text())
+    assert report["machine"]["device"] == "cuda" and report["machine"]["gpu"]
+    assert all(v["quiet"] > 0 for v in report["decode_seconds_per_token"]["1_threads"].values())
