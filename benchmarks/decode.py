@@ -3,12 +3,12 @@
     python benchmarks/decode.py [--quick | --shape quick|full|7b-layer] [--device cpu|cuda] [--dtype float32|bfloat16]
                                 [--threads 1 2] [--compile] [--json PATH]
 
-A tiny-vocabulary Llama (hidden 1024, 4 layers; ``7b-layer``: four layers of LLaMA-2-7B's width) with the Emotion-LLaMA prompt layout (300 tokens: 259 visual, 1
-audio), batch 1, greedy ``generate`` of ``1 + new_tokens`` tokens. Each decode step is timed alone, from one
-generated token to the next (:class:`StepClock`, a logits processor), so prefill and ``generate``'s set-up stay out;
-the models share the base weights and run in turn, each first in turn (A B C, B C A, ...); a model's figure is the
-median over steps of each step's fastest round (``quiet``; the plain median of all steps is reported too), once per
-thread count. Op counts are top-level torch
+A tiny-vocabulary Llama (hidden 1024, 4 layers; ``7b-layer``: four layers of LLaMA-2-7B's width) with the
+Emotion-LLaMA prompt layout (300 tokens: 259 visual, 1 audio), batch 1, greedy ``generate`` of ``1 + new_tokens``
+tokens. Each decode step is timed alone, from one generated token to the next (:class:`StepClock`, a logits
+processor), so prefill and ``generate``'s set-up stay out; the models share the base weights and run in turn, each
+first in turn (A B C, B C A, ...); a model's figure is the median over steps of each step's fastest round (``quiet``;
+the plain median of all steps is reported too), once per thread count. Op counts are top-level torch
 calls (``TorchFunctionMode``) of one decode step (``generate`` of 3 tokens minus 2) and of one train step's forward.
 ``--compile`` also times both adapters under ``torch.compile`` (inductor; compile time excluded).
 """
