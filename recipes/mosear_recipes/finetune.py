@@ -211,8 +211,8 @@ def _train(config: FinetuneConfig, output_dir: Path) -> dict | None:
     result = None
     if evaluation is not None:
         result = evaluate(trainer.model, encoder, evaluation, config, output_dir / EVAL_DIR)
-    logger.info("Saved the adapter, projectors, run configuration, loss curve, reference outputs and the model's manifest "
-                "to %s.", output_dir)
+    logger.info("Saved the adapter, projectors, run configuration, loss curve, reference outputs and the model's "
+                "manifest to %s.", output_dir)
     return result
 
 
