@@ -157,9 +157,19 @@ def oracle_logits(model: torch.nn.Module, ids: Tensor, mods: Tensor, tau: float)
 def test_the_support_record_covers_every_model_and_names_transformers_bases():
     assert set(AR_SUPPORT) == set(SPECS)
     assert all(value == EXACT or value.startswith("refused: ") for value in AR_SUPPORT.values())
-    for name in ("gemma2", "gpt_oss"):  # the families without SDPA in transformers
-        with pytest.raises(ValueError, match="does not support an attention implementation through torch.nn"):
-            make_model(name, "sdpa")
+    with pytest.raises(ValueError, match="does not support an attention implementation through torch.nn"):
+        make_model("gpt_oss", "sdpa")  # no SDPA in transformers (GPT-OSS's sinks)
+
+
+def test_soft_capping_on_sdpa_is_refused_naming_eager(monkeypatch):
+    """Gemma 2 on SDPA, as transformers before 5.23 offered it (its SDPA function drops ``softcap``)."""
+    pretrained = tf.models.gemma2.modeling_gemma2.Gemma2PreTrainedModel
+    monkeypatch.setattr(pretrained, "_supports_sdpa", True)
+    model = make_model("gemma2", "sdpa")
+    ids, mods = prompt()
+    with torch.no_grad(), attention_reallocation(model, mods, tau=0.0):
+        with pytest.raises(ValueError, match=r"soft-caps its attention logits .*set_attn_implementation\('eager'\)"):
+            model(input_ids=ids)
 
 
 @pytest.mark.parametrize("name, base", EXACT_CASES)

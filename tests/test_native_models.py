@@ -151,7 +151,8 @@ def test_gate_probes_are_the_models_own_forward_with_a_modality_left_out(case):
         return GateDecisions(conflict=torch.zeros(len(inputs.valid), dtype=torch.bool))
 
     captured = {}
-    decoder = model.get_decoder()
+    decoder = model.get_submodule(language_model_prefix(model))  # not get_decoder(): the thinker itself on 5.4
+
     def capture(module, args, kwargs):
         captured.setdefault("position_ids", kwargs.get("position_ids"))
 

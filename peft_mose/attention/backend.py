@@ -346,8 +346,9 @@ class _LogitOptions:
     is_causal: bool
 
 
-def _logit_options(module: nn.Module, scaling: float | None, kwargs: dict) -> _LogitOptions:
-    """The options of one attention call; ``ValueError`` naming any keyword AR does not know to be harmless."""
+def _logit_options(module: nn.Module, scaling: float | None, kwargs: dict, base: str) -> _LogitOptions:
+    """The options of one attention call; ``ValueError`` naming any keyword AR does not know to be harmless, or
+    soft-capping on a base that ignores it."""
     unknown = sorted(k for k, v in kwargs.items() if v is not None and k not in HONOURED_KWARGS | INERT_KWARGS)
     if unknown:
         raise ValueError(
@@ -355,6 +356,15 @@ def _logit_options(module: nn.Module, scaling: float | None, kwargs: dict) -> _L
             f"function receives {unknown}, which may change the attention weights and which AR does not apply to "
             f"the rows it computes (it applies scaling, {', '.join(sorted(HONOURED_KWARGS))}). Run this model "
             "without attention_reallocation."
+        )
+    if kwargs.get("softcap") is not None and base != "eager":
+        # transformers before 5.23 offers SDPA for Gemma 2, whose SDPA function drops `softcap`: AR's soft-capped
+        # rows would then not be the model's
+        raise ValueError(
+            f"Attention reallocation cannot run on {type(module).__name__} with {base!r} attention: the model "
+            f"soft-caps its attention logits (softcap={kwargs['softcap']}), which transformers' {base!r} attention "
+            "ignores, so the rows AR computes would not be the model's. Call model.set_attn_implementation('eager') "
+            "first (transformers 5.23 and later refuse SDPA for such models)."
         )
     is_causal = kwargs.get("is_causal")
     return _LogitOptions(
@@ -429,7 +439,7 @@ def _attend(
         return base_function(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
     if dropout > 0:
         raise ValueError("Attention reallocation is an inference-time method; call model.eval() (dropout > 0).")
-    options = _logit_options(module, scaling, kwargs)
+    options = _logit_options(module, scaling, kwargs, base)
     gated = _gated(settings, context, positions)
     keys = _key_masks(
         positions, query.shape[0], query.shape[2], key.shape[2], options.sliding_window, settings.rows == "all",
