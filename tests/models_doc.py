@@ -8,7 +8,7 @@ from pathlib import Path
 
 from native_models import NATIVE_MODELS, build_native  # this folder: on sys.path as the script's or pytest's
 from peft import get_peft_model
-from test_ar_attention_variants import AR_SUPPORT
+from test_ar_attention_variants import AR_SUPPORT, AR_SUPPORT_DOC
 from test_text_models import TEXT_MODELS, build
 
 from peft_mose import MoSEConfig, MoSELayer
@@ -70,7 +70,7 @@ def render() -> str:
     lines += ["", "## Text models\n", "| model class | default targets | AR and conflict gate |", "|---|---|---|"]
     for name in sorted(TEXT_MODELS):
         model = build(name)
-        lines.append(f"| `{type(model).__name__}` | {_targets(model)} | {AR_SUPPORT[name]} |")
+        lines.append(f"| `{type(model).__name__}` | {_targets(model)} | {AR_SUPPORT_DOC.get(name, AR_SUPPORT[name])} |")
     return "\n".join(lines) + "\n"
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 import transformers as tf
+from packaging.version import Version
 from torch import Tensor
 from transformers import AttentionInterface, DynamicCache
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
@@ -40,10 +41,17 @@ AR_SUPPORT: dict[str, str] = {
     "gpt_neox": EXACT,
     "mixtral": EXACT,
     "qwen2_moe": EXACT,
-    "falcon": f"refused: {OWN_ATTENTION}",
+    # Falcon passes its ALiBi bias to AttentionInterface in the mask from transformers 5.25 on, and computed attention
+    # in its own modules before
+    "falcon": EXACT if tf.FalconForCausalLM._can_set_attn_implementation() else f"refused: {OWN_ATTENTION}",
     "bloom": f"refused: {OWN_ATTENTION}",
     "gpt_oss": "refused: its attention sinks (GPT-OSS: a learned logit per head that takes part in the softmax",
 }
+# The first transformers release on which AR_SUPPORT's value is "exact", for models whose support depends on it, and
+# what docs/models.md (which describes every supported release) says of them.
+EXACT_SINCE = {"falcon": "5.25.0"}
+AR_SUPPORT_DOC = {"falcon": f"exact from transformers 5.25 (ALiBi reaches AttentionInterface in the mask); before, "
+                            f"refused: {OWN_ATTENTION}"}  # fmt: skip
 
 WINDOW = 8  # the sliding window of the models that have one: the response row sees part of the visual block
 
@@ -155,7 +163,9 @@ def oracle_logits(model: torch.nn.Module, ids: Tensor, mods: Tensor, tau: float)
 
 
 def test_the_support_record_covers_every_model_and_names_transformers_bases():
-    assert set(AR_SUPPORT) == set(SPECS)
+    assert set(AR_SUPPORT) == set(SPECS) and set(AR_SUPPORT_DOC) == set(EXACT_SINCE)
+    for name, release in EXACT_SINCE.items():
+        assert (AR_SUPPORT[name] == EXACT) == (Version(tf.__version__) >= Version(release))
     assert all(value == EXACT or value.startswith("refused: ") for value in AR_SUPPORT.values())
     with pytest.raises(ValueError, match="does not support an attention implementation through torch.nn"):
         make_model("gpt_oss", "sdpa")  # no SDPA in transformers (GPT-OSS's sinks)

@@ -78,6 +78,7 @@ def attn_implementation(model: nn.Module) -> str | None:
 def uses_attention_interface(model: nn.Module) -> bool:
     """Whether ``model``'s attention modules call the function registered for ``config._attn_implementation``
     (``AttentionInterface``), i.e. whether ``set_attn_implementation`` reaches them. transformers' own test,
-    ``PreTrainedModel._can_set_attn_implementation`` (a classmethod reading the modeling file's source; Bloom and
-    Falcon, which compute attention inside their modules, fail it), is private; checked on 5.4.0 and 5.24.0."""
+    ``PreTrainedModel._can_set_attn_implementation`` (a classmethod reading the modeling file's source; Bloom, and
+    Falcon before 5.25, which compute attention inside their modules, fail it), is private; checked on 5.4.0, 5.24.0
+    and 5.25.0."""
     return bool(type(model)._can_set_attn_implementation())
