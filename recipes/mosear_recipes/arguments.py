@@ -237,14 +237,13 @@ def _values(arguments: object) -> dict[str, Any]:
     return {f.name: getattr(arguments, f.name) for f in fields(arguments)}
 
 
-def build_parser(exit_on_error: bool = True) -> HfArgumentParser:
-    """The recipe's parser: its own groups first in ``--help``, then Trainer's; no abbreviated options."""
-    return HfArgumentParser(
-        DATACLASSES, description=__doc__.splitlines()[0], allow_abbrev=False, exit_on_error=exit_on_error
-    )
+def build_parser(exit_on_error: bool = True, kinds: Sequence[type] = DATACLASSES) -> HfArgumentParser:
+    """The recipe's parser (of the argument dataclasses ``kinds``, merr_finetune.py's by default): its own groups
+    first in ``--help``, then Trainer's; no abbreviated options."""
+    return HfArgumentParser(kinds, description=__doc__.splitlines()[0], allow_abbrev=False, exit_on_error=exit_on_error)
 
 
-def read_config_file(path: Path) -> dict[str, Any]:
+def read_config_file(path: Path, kinds: Sequence[type] = DATACLASSES) -> dict[str, Any]:
     """The ``{option: value}`` mapping of a YAML or JSON config file, every key an option of the recipe and every
     value one it accepts (:func:`check_config_values`); errors name the file."""
     if not path.is_file():
@@ -254,28 +253,28 @@ def read_config_file(path: Path) -> dict[str, Any]:
         return {}
     if not isinstance(values, dict):
         raise ValueError(f"Config file {path} must hold a mapping of option: value, got {type(values).__name__}.")
-    known = {f.name for dataclass_type in DATACLASSES for f in fields(dataclass_type)}
+    known = {f.name for dataclass_type in kinds for f in fields(dataclass_type)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"Config file {path}: unknown options {unknown} (see python recipes/merr_finetune.py --help).")
-    return check_config_values(values, path)
+        raise ValueError(f"Config file {path}: unknown options {unknown} (see the recipe's --help).")
+    return check_config_values(values, path, kinds)
 
 
-def _takes_list(option: str) -> bool:
+def _takes_list(option: str, kinds: Sequence[type] = DATACLASSES) -> bool:
     """Whether the option's field is typed with a list (e.g. Trainer's ``report_to: str | list[str]``); read from the
     annotations, as the parser rewrites the fields' types."""
-    return any("list" in str(get_type_hints(kind).get(option)) for kind in DATACLASSES)
+    return any("list" in str(get_type_hints(kind).get(option)) for kind in kinds)
 
 
 def _token(value: Any) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def check_config_values(values: dict[str, Any], path: Path) -> dict[str, Any]:
+def check_config_values(values: dict[str, Any], path: Path, kinds: Sequence[type] = DATACLASSES) -> dict[str, Any]:
     """The file's values converted as the command line would convert them, each refused (naming the file, the key,
     the value and what the option takes) when the command line would refuse it: a file's values bypass the
     parser's types otherwise. Mappings go as they are to Trainer's dict options, which check them."""
-    probe = build_parser(exit_on_error=False)
+    probe = build_parser(exit_on_error=False, kinds=kinds)
     defaults = vars(probe.parse_args([]))
     checked = {}
     for key, value in values.items():
@@ -289,7 +288,7 @@ def check_config_values(values: dict[str, Any], path: Path) -> dict[str, Any]:
         try:
             parsed, extra = probe.parse_known_args([f"--{key}", *map(_token, items)])
             parsed = getattr(parsed, key)
-            if isinstance(value, list) and _takes_list(key) and all(isinstance(v, str) for v in value):
+            if isinstance(value, list) and _takes_list(key, kinds) and all(isinstance(v, str) for v in value):
                 parsed = value  # an option of Trainer's typed ``str | list[str]`` (report_to, ...)
             elif extra or (isinstance(value, list) and not isinstance(parsed, list)) or not items:
                 problem = "the option takes a single value, not a list"

@@ -88,12 +88,16 @@ def clear_previous_run(output_dir: Path) -> None:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
-def check_resume_agrees(stored: RunConfig, new: RunConfig, path: Path) -> None:
+def check_resume_agrees(
+    stored: RunConfig, new: RunConfig, path: Path, compared: tuple[str, ...] = ("base_model", "feature_spec"),
+    resume_arguments: dict[str, tuple[str, ...]] = RESUME_ARGUMENTS,
+) -> None:  # fmt: skip
     """Refuse resuming a run whose recorded configuration (``path``) differs from this one's, naming the first
-    differences with both values."""
-    differences = [(name, getattr(stored, name), getattr(new, name)) for name in ("base_model", "feature_spec")
+    differences with both values: the fields ``compared`` and the arguments ``resume_arguments`` (by group;
+    merr_finetune.py's by default; the omni recipe passes its own run configuration and arguments)."""
+    differences = [(name, getattr(stored, name), getattr(new, name)) for name in compared
                    if getattr(stored, name) != getattr(new, name)]  # fmt: skip
-    for group, keys in RESUME_ARGUMENTS.items():
+    for group, keys in resume_arguments.items():
         for key in keys:
             before, now = stored.arguments.get(group, {}).get(key), new.arguments[group].get(key)
             if before != now:

@@ -77,14 +77,14 @@ class LossCurveCallback(TrainerCallback):
 
 
 class MoSETrainer(Trainer):
-    """``Trainer`` with one-task batches, no weight decay on 1-D parameters, the warm-up + per-epoch cosine of
+    """``Trainer`` with one-task batches (``batch_sampler``; ``None``: Trainer's own), no weight decay on 1-D parameters, the warm-up + per-epoch cosine of
     ``schedule`` (unless it asks for Trainer's own), checkpoints holding only what trains, and a loss curve; it stops
     on non-finite values (:class:`~mosear_recipes.guards.NonFiniteGuard`) and gives every checkpoint a manifest,
     rotating them after it (:class:`~mosear_recipes.integrity.CheckpointManifests`, keeping ``checkpoints_kept``:
     Trainer's own ``save_total_limit`` must be off)."""
 
     def __init__(
-        self, *args: Any, batch_sampler: SingleTaskBatchSampler, schedule: ScheduleArguments, total_steps: int,
+        self, *args: Any, batch_sampler: SingleTaskBatchSampler | None, schedule: ScheduleArguments, total_steps: int,
         checkpoints_kept: int | None, **kwargs: Any,
     ) -> None:  # fmt: skip
         super().__init__(*args, **kwargs)
@@ -96,8 +96,10 @@ class MoSETrainer(Trainer):
         self.total_steps = total_steps
         self.guard = NonFiniteGuard()
         for callback in (self.guard, CheckpointManifests(checkpoints_kept), TrainingProgressCallback(),
-                         SamplerEpochCallback(batch_sampler, schedule.iters_per_epoch), LossCurveCallback()):  # fmt: skip
+                         LossCurveCallback()):  # fmt: skip
             self.add_callback(callback)
+        if batch_sampler is not None:
+            self.add_callback(SamplerEpochCallback(batch_sampler, schedule.iters_per_epoch))
 
     def compute_loss(
         self,
@@ -114,7 +116,10 @@ class MoSETrainer(Trainer):
         return result
 
     def get_train_dataloader(self) -> DataLoader:
-        """The dataset read in :class:`SingleTaskBatchSampler` batches (sharded over processes by accelerate)."""
+        """The dataset read in :class:`SingleTaskBatchSampler` batches (sharded over processes by accelerate);
+        Trainer's own loader without a batch sampler."""
+        if self.batch_sampler is None:
+            return super().get_train_dataloader()
         loader = DataLoader(
             self.train_dataset,
             batch_sampler=self.batch_sampler,

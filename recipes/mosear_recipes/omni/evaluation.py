@@ -1,0 +1,70 @@
+"""Answers of a (MoSE) thinker to clips, greedily, optionally under attention reallocation, and recognition scores of
+a manifest's clips with the existing metrics (by CA-MER subset when the manifest gives subsets)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from peft_mose import attention_reallocation
+from peft_mose.metrics import normalize_word, resolve_labels
+
+from ..scoring import Reference, ScoringConfig, markdown_table, score, warn_skipped, write_report
+from .data import ClipDataset
+from .inputs import EncodedClip, OmniEncoder, collate
+
+logger = logging.getLogger(__name__)
+
+
+def answer(model: nn.Module, encoder: OmniEncoder, clip: EncodedClip, max_new_tokens: int,
+           reallocation: Mapping[str, Any] | None = None) -> tuple[str, list]:  # fmt: skip
+    """The greedy answer to ``clip``'s prompt (its target left out) and what :func:`attention_reallocation` yielded
+    (empty without ``reallocation``)."""
+    prompt = EncodedClip(clip.input_ids[: clip.prompt_length], clip.labels[: clip.prompt_length], clip.media,
+                         clip.use_audio_in_video, clip.visual_tokens, clip.audio_tokens, clip.prompt_length)  # fmt: skip
+    batch = collate([prompt], encoder.tokenizer.pad_token_id)
+    batch.pop("labels")
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    log: list = []
+    with contextlib.ExitStack() as stack:
+        if reallocation is not None:
+            log.append(stack.enter_context(attention_reallocation(model, **reallocation)))
+        with torch.no_grad():
+            ids = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                 eos_token_id=encoder.end_id, pad_token_id=encoder.tokenizer.pad_token_id)  # fmt: skip
+    text = encoder.tokenizer.decode(ids[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    return text.strip(), log
+
+
+def evaluate_clips(model: nn.Module, dataset: ClipDataset, labels: str, max_new_tokens: int, out_dir: Path,
+                   is_main: bool = True, reallocation: Mapping[str, Any] | None = None) -> dict | None:  # fmt: skip
+    """Recognition scores of ``dataset``'s clips (each needs a ``label``), by subset when they have one; the report
+    (scores.json, scores.md, per_sample.jsonl, scores.png) written to ``out_dir`` by the main process."""
+    label_set = resolve_labels(labels)
+    references = []
+    for record in dataset.records:
+        if record.label is None:
+            raise ValueError(f"{record.where}: no 'label' to score the answer against.")
+        label = normalize_word(record.label)
+        if label not in label_set:
+            raise ValueError(f"{record.where}: label {record.label!r} is not in the label set {list(label_set)}.")
+        references.append(Reference(record.id, label=label, subset=record.subset))
+    model.eval()
+    predictions = {record.id: answer(model, dataset.encoder, dataset[i], max_new_tokens, reallocation)[0]
+                   for i, record in enumerate(dataset.records)}  # fmt: skip
+    if not is_main:
+        return None
+    result, rows = score(predictions, references, ScoringConfig("recognition", label_set))
+    for row in rows:
+        row["prediction"] = predictions[row["id"]]
+    warn_skipped(rows, "recognition")
+    write_report(result, rows, out_dir, name="MoSE")
+    logger.info("recognition scores:\n%s", markdown_table([("MoSE", result)]))
+    return result

@@ -1,0 +1,168 @@
+"""MoSE fine-tuning of the Qwen2.5-Omni thinker on raw clips (``recipes/omni_finetune.py``): the clips checked and
+counted before anything is written, the run folder claimed as the MERR recipe claims it, Trainer with the recipe's
+guards, checkpoint manifests, resume and loss curve; optionally scored on an evaluation manifest. docs/omni.md."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import transformers
+from peft import get_peft_model
+from transformers import set_seed
+
+from ..arguments import ScheduleArguments
+from ..distributed import end_process_group
+from ..guards import train as guarded_train
+from ..integrity import resolve_resume, set_aside_damaged
+from ..logs import setup_logging
+from ..run_config import EVAL_DIR, RUN_CONFIG, base_model_identity
+from ..run_folder import check_output_dir, check_resume_agrees, clear_previous_run, output_lock
+from .arguments import OmniConfig, check_omni_args, parse_omni_args
+from .data import ClipDataset, MediaOptions
+from .evaluation import evaluate_clips
+from .inputs import DEFAULT_QUESTION, DEFAULT_SYSTEM, OmniEncoder, collate
+from .model import load_thinker
+from .run_config import RESUME_ARGUMENTS, OmniRunConfig
+from .tiny import TINY_SYSTEM, write_tiny_clips, write_tiny_model
+from .trainer import OmniTrainer
+
+logger = logging.getLogger(__name__)
+
+TINY_DIR = "tiny"
+
+
+@dataclass
+class Inputs:
+    """What a run trains on: the base model folder, its encoder, the checked training clips and evaluation clips."""
+
+    model_path: Path
+    encoder: OmniEncoder
+    train: ClipDataset
+    evaluation: ClipDataset | None
+    options: MediaOptions
+
+
+def media_options(config: OmniConfig) -> MediaOptions:
+    data = config.data
+    return MediaOptions(data.fps, data.max_frames, data.max_audio_seconds, data.audio, data.use_audio_in_video)
+
+
+def open_inputs(config: OmniConfig, model_path: Path, train_manifest: Path, eval_manifest: Path | None) -> Inputs:
+    """The encoder of ``model_path`` and the clips, every one decoded and encoded (a bad file raises naming it)."""
+    from transformers import AutoConfig
+
+    data = config.data
+    thinker_config = AutoConfig.from_pretrained(model_path)
+    thinker_config = getattr(thinker_config, "thinker_config", thinker_config)  # the full model's config nests it
+    system = data.system_prompt or (TINY_SYSTEM if data.tiny_setup else DEFAULT_SYSTEM)
+    encoder = OmniEncoder.from_pretrained(model_path, thinker_config, data.max_pixels,
+                                          question=data.question or DEFAULT_QUESTION, system_prompt=system)  # fmt: skip
+    options = media_options(config)
+    train = ClipDataset(train_manifest, encoder, options)
+    evaluation = ClipDataset(eval_manifest, encoder, options, need_target=False) if eval_manifest else None
+    return Inputs(model_path, encoder, train, evaluation, options)
+
+
+def finetune(config: OmniConfig) -> dict | None:
+    """Train, save the adapter, run configuration and loss curve, and score ``--eval_manifest`` when given. A
+    user's clips are all checked before the output folder is touched."""
+    args = config.training
+    if args.should_log:
+        transformers.utils.logging.set_verbosity_info()
+    setup_logging(args.get_process_log_level(), args.get_process_log_level())
+    check_omni_args(config)
+    output_dir = Path(args.output_dir).resolve()
+    data = config.data
+    inputs = None
+    if not data.tiny_setup:  # nothing is written to a run folder refused for bad media
+        evaluation = Path(data.eval_manifest) if data.eval_manifest else None
+        inputs = open_inputs(config, Path(config.model.model_name_or_path), Path(data.train_manifest), evaluation)
+    with output_lock(output_dir, args.should_save):
+        check_output_dir(output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
+        if inputs is None:
+            inputs = _tiny_inputs(config, output_dir)
+        return _train(config, output_dir, inputs)
+
+
+def _tiny_inputs(config: OmniConfig, output_dir: Path) -> Inputs:
+    """The tiny default, written by rank 0 to ``output_dir/tiny``: its clips also serve as evaluation clips."""
+    args, tiny = config.training, output_dir / TINY_DIR
+    with args.main_process_first(local=False, desc="writing the tiny setup"):
+        if args.process_index == 0 and not (tiny / "data" / "train.jsonl").is_file():
+            write_tiny_model(tiny / "model", seed=args.seed)
+            write_tiny_clips(tiny / "data")
+    manifest = tiny / "data" / "train.jsonl"
+    return open_inputs(config, tiny / "model", manifest, manifest)
+
+
+def _train(config: OmniConfig, output_dir: Path, inputs: Inputs) -> dict | None:
+    args, data = config.training, config.data
+    resume = resolve_resume(args.resume_from_checkpoint, output_dir)
+    encoder = inputs.encoder
+    run_config = OmniRunConfig(
+        model_name_or_path=str(inputs.model_path.resolve()),
+        base_model=base_model_identity(inputs.model_path),
+        train_manifest=str(Path(inputs.train.records[0].file).resolve()),
+        media=inputs.options,
+        max_pixels=data.max_pixels,
+        question=encoder.question,
+        system_prompt=encoder.system_prompt,
+        input_path=encoder.path,
+        world_size=args.world_size,
+        config_file=str(config.config_file) if config.config_file else None,
+        arguments=config.arguments(),
+    )
+    if resume and (output_dir / RUN_CONFIG).is_file():
+        check_resume_agrees(OmniRunConfig.read(output_dir), run_config, output_dir / RUN_CONFIG,
+                            compared=("base_model",), resume_arguments=RESUME_ARGUMENTS)  # fmt: skip
+    if args.should_save:
+        if args.overwrite_output_dir:
+            clear_previous_run(output_dir)
+        if resume:
+            set_aside_damaged(output_dir, resume)
+        run_config.write(output_dir)
+    set_seed(args.seed)
+    thinker = load_thinker(inputs.model_path, config.model.quantization)
+    model = get_peft_model(thinker, config.model.mose_config())
+    trainer = OmniTrainer(
+        model=model,
+        args=args,
+        train_dataset=inputs.train,
+        data_collator=partial(collate, pad_id=encoder.tokenizer.pad_token_id),
+        batch_sampler=None,
+        schedule=ScheduleArguments(lr_schedule="trainer"),
+        total_steps=0,
+        checkpoints_kept=config.checkpoints_kept,
+    )
+    logger.info("%d training clips; inputs: %s.", len(inputs.train), encoder.path)
+    guarded_train(trainer, resume)
+    trainer.save_model(str(output_dir))
+    result = None
+    if inputs.evaluation is not None:
+        result = evaluate_clips(trainer.model, inputs.evaluation, config.data.eval_labels,
+                                config.data.eval_max_new_tokens, output_dir / EVAL_DIR, args.should_save)  # fmt: skip
+    logger.info("Saved the adapter, run configuration and loss curve to %s.", output_dir)
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> dict | None:
+    """Parse ``[config file] [--options]`` and train."""
+    result = finetune(parse_omni_args(argv))
+    end_process_group()
+    return result
+
+
+def cli(argv: Sequence[str] | None = None) -> None:
+    """``recipes/omni_finetune.py``: :func:`main`; a refused input (``ValueError``/``OSError``, bad media included)
+    ends the process with exit status 2 and its message, without a traceback."""
+    try:
+        main(argv)
+    except (OSError, ValueError) as error:
+        logger.debug("refused", exc_info=error)
+        print(f"omni_finetune.py: error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,114 @@
+"""recipes/omni_finetune.py and omni_infer.py end to end on the tiny default: training writes a verified adapter,
+checkpoints with manifests and a loss curve; a run resumes; inference answers under every strategy about clips this
+test writes with PyAV (with and without an audio track); bad media are refused before anything is written."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import soundfile
+from mosear_recipes.integrity import checkpoint_problems, checkpoints
+from mosear_recipes.omni.finetune import main as finetune_main
+from mosear_recipes.omni.infer import main as infer_main
+from mosear_recipes.omni.model import load_run
+from test_omni_media import moving_frames, tone, write_mp4
+
+FAST = ["--num_train_epochs", "2", "--logging_steps", "1"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("omni") / "run"
+    result = finetune_main(["--output_dir", str(out), *FAST])
+    return out, result
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    root = tmp_path_factory.mktemp("clips")
+    frames = moving_frames(16)
+    return {"both": write_mp4(root / "both.mp4", frames, tone(2.0)), "silent": write_mp4(root / "silent.mp4", frames)}
+
+
+def test_training_writes_a_verified_adapter_checkpoints_and_a_loss_curve(run):
+    out, result = run
+    assert (out / "loss.png").stat().st_size > 0
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["peft_type"] == "MOSE"
+    saved = checkpoints(out)
+    assert [c.name for c in saved] == ["checkpoint-3", "checkpoint-6"]
+    assert all(checkpoint_problems(c) == [] for c in saved)
+    config = json.loads((out / "run_config.json").read_text())
+    assert config["format"] == "omni-1" and "no torchvision" in config["input_path"]
+    assert set(result["scores"]) == {"video_aligned", "audio_aligned", "consistent", "overall"}
+    assert result["num_samples"] == 9
+    assert (out / "eval" / "scores.json").is_file()
+    model, encoder, _ = load_run(out)
+    assert sum("mose" in n for n, _ in model.named_parameters()) > 0
+
+
+def test_resume_continues_from_the_newest_intact_checkpoint(run, tmp_path):
+    import shutil
+
+    out, _ = run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    shutil.rmtree(copy / "checkpoint-6")  # as if the run had stopped after its first epoch
+    finetune_main(["--output_dir", str(copy), *FAST, "--resume_from_checkpoint"])
+    state = json.loads((copy / "checkpoint-6" / "trainer_state.json").read_text())
+    steps = [entry["step"] for entry in state["log_history"] if "loss" in entry]
+    assert steps == list(range(1, 7))  # steps 1-3 from checkpoint-3's state, 4-6 trained now
+    assert checkpoint_problems(copy / "checkpoint-6") == []
+
+
+def test_a_finished_run_is_refused_without_resume_or_overwrite(run):
+    out, _ = run
+    with pytest.raises(ValueError, match="already holds a run"):
+        finetune_main(["--output_dir", str(out), *FAST])
+
+
+@pytest.mark.parametrize("strategy", ["none", "ar", "pai", "gated"])
+def test_infer_answers_under_each_strategy(run, clips, strategy, capsys):
+    out, _ = run
+    argv = ["--run_dir", str(out), "--video", str(clips["both"]), "--strategy", strategy, "--tau", "0.5",
+            "--max_new_tokens", "3", "--gate_labels", "happy,sad,angry", "--verbose"]  # fmt: skip
+    text = infer_main(argv)
+    printed = capsys.readouterr().out
+    assert printed.splitlines()[-1] == f"{strategy}: {text}" and text
+    assert "32 visual tokens, 51 audio tokens (interleaved)" in printed
+    assert printed.count("λ model.language_model.layers.") == 4
+
+
+def test_infer_on_a_clip_without_audio(run, clips, capsys):
+    out, _ = run
+    infer_main(["--run_dir", str(out), "--video", str(clips["silent"]), "--max_new_tokens", "2", "--verbose"])
+    assert "32 visual tokens, 0 audio tokens" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        infer_main(["--run_dir", str(out), "--video", str(clips["silent"]), "--audio", str(clips["silent"])])
+    assert "no audio stream" in capsys.readouterr().err
+
+
+def test_bad_media_are_refused_before_anything_is_written(run, clips, tmp_path):
+    out, _ = run
+    model = out / "tiny" / "model"
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(clips["both"].read_bytes()[:1500])
+    empty = tmp_path / "empty.wav"
+    soundfile.write(empty, np.zeros(0, np.float32), 16000)
+    cases = {
+        "missing.mp4": ("missing.mp4", None, "no such file"),
+        "broken.mp4": ("broken.mp4", None, "not a readable media container"),
+        "silent.mp4": (str(clips["silent"]), None, "no audio stream, and no 'audio' file"),
+        "empty.wav": (str(clips["silent"]), "empty.wav", "zero-length audio"),
+    }
+    for name, (video, audio, problem) in cases.items():
+        manifest = tmp_path / "m.jsonl"
+        record = {"id": "c1", "video": video, "target": "happy", **({"audio": audio} if audio else {})}
+        manifest.write_text(json.dumps(record) + "\n")
+        target = tmp_path / f"run_{name}"
+        with pytest.raises(ValueError, match=problem) as error:
+            finetune_main(["--model_name_or_path", str(model), "--train_manifest", str(manifest),
+                           "--output_dir", str(target)])  # fmt: skip
+        assert "m.jsonl:1 (id 'c1')" in str(error.value)
+        assert not target.exists()
