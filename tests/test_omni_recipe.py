@@ -13,7 +13,8 @@ from mosear_recipes.integrity import checkpoint_problems, checkpoints
 from mosear_recipes.omni.finetune import main as finetune_main
 from mosear_recipes.omni.infer import main as infer_main
 from mosear_recipes.omni.model import load_run
-from test_omni_media import moving_frames, tone, write_mp4
+from media_clips import moving_frames, tone, write_mp4
+from recipe_helpers import retrained
 
 FAST = ["--num_train_epochs", "2", "--logging_steps", "1"]
 
@@ -60,6 +61,17 @@ def test_resume_continues_from_the_newest_intact_checkpoint(run, tmp_path):
     steps = [entry["step"] for entry in state["log_history"] if "loss" in entry]
     assert steps == list(range(1, 7))  # steps 1-3 from checkpoint-3's state, 4-6 trained now
     assert checkpoint_problems(copy / "checkpoint-6") == []
+
+
+def test_a_run_holding_another_runs_adapter_is_refused(run, tmp_path):
+    import shutil
+
+    out, _ = run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    retrained(copy / "adapter" / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=r"does not hold the model its run wrote.*adapter_model.safetensors changed"):
+        load_run(copy)
 
 
 def test_a_finished_run_is_refused_without_resume_or_overwrite(run):

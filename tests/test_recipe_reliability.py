@@ -13,8 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from recipe_helpers import run_args
 from mosear_recipes import evaluate_cli, finetune
@@ -25,7 +23,7 @@ from mosear_recipes.integrity import MANIFEST, write_manifest
 from mosear_recipes.merr.collator import MERRCollator
 from mosear_recipes.run import load_trained
 from mosear_recipes.run_folder import LOCK_FILE, OutputDirError
-from recipe_helpers import coarse_dataset
+from recipe_helpers import coarse_dataset, retrained
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -138,15 +136,6 @@ def test_init_from_a_run_with_other_mose_options_is_refused(tiny, finished, tmp_
         finetune.main(run_args(tiny, tmp_path / "s2", "--init_from", str(finished), "--lora_alpha", "32"))
 
 
-def _retrained(path: Path) -> None:
-    """Replace a safetensors file by one with the same tensors, shapes and metadata but other values: the same file
-    of another run of the same configuration."""
-    with safe_open(str(path), "pt") as handle:
-        metadata = handle.metadata()
-        tensors = {k: handle.get_tensor(k) + 0.01 for k in handle.keys()}
-    save_file(tensors, str(path), metadata=metadata)
-
-
 @pytest.mark.parametrize("part", ["projectors.safetensors", "adapter/adapter_model.safetensors", "run_config.json"])
 def test_a_run_folder_holding_a_part_of_another_run_is_refused_naming_it(copy_of, tmp_path, tiny, part):
     if part == "run_config.json":
@@ -154,7 +143,7 @@ def test_a_run_folder_holding_a_part_of_another_run_is_refused_naming_it(copy_of
         config["arguments"]["training"]["seed"] += 1  # another run of the same options
         (copy_of / part).write_text(json.dumps(config))
     else:
-        _retrained(copy_of / part)
+        retrained(copy_of / part)
     message = rf"{copy_of} does not hold the model its run wrote.*{copy_of / part} changed"
     with pytest.raises(ValueError, match=message):
         load_trained(copy_of)
@@ -169,7 +158,7 @@ def test_a_checkpoint_with_replaced_weights_is_refused_and_an_edited_inference_m
     config["inference_mode"] = not config["inference_mode"]
     config_file.write_text(json.dumps(config))
     load_trained(copy_of)  # harmless field: loads
-    _retrained(copy_of / "checkpoint-4" / "projectors.safetensors")
+    retrained(copy_of / "checkpoint-4" / "projectors.safetensors")
     with pytest.raises(ValueError, match=r"checkpoint-4 does not hold the model.*projectors.safetensors changed"):
         load_trained(copy_of, weights_dir=copy_of / "checkpoint-4")
 

@@ -31,7 +31,7 @@ STAGE_LEARNING_RATES = {"coarse": 2e-5, "fine": 1e-5}
 SCHEDULES = ("emotion_llama", "trainer")
 
 
-def _mose_field(name: str):
+def mose_field(name: str):
     """A field with ``MoSEConfig``'s own default and help, so the two cannot drift apart."""
     source = MoSEConfig.__dataclass_fields__[name]
     return field(default=source.default, metadata=dict(source.metadata))
@@ -67,14 +67,14 @@ class ModelArguments:
         metadata={"help": "A run folder (or checkpoint) whose adapter and projectors start this run: stage fine "
                   "starts from stage coarse's output."},
     )  # fmt: skip
-    r: int = _mose_field("r")
-    n_experts: int = _mose_field("n_experts")
-    eps: float = _mose_field("eps")
-    lora_alpha: float = _mose_field("lora_alpha")
-    lora_dropout: float = _mose_field("lora_dropout")
-    router_hidden_size: int = _mose_field("router_hidden_size")
-    expert_kind: str = _mose_field("expert_kind")
-    router: bool = _mose_field("router")
+    r: int = mose_field("r")
+    n_experts: int = mose_field("n_experts")
+    eps: float = mose_field("eps")
+    lora_alpha: float = mose_field("lora_alpha")
+    lora_dropout: float = mose_field("lora_dropout")
+    router_hidden_size: int = mose_field("router_hidden_size")
+    expert_kind: str = mose_field("expert_kind")
+    router: bool = mose_field("router")
     target_modules: str = field(default="q_proj,v_proj", metadata={"help": "Comma-separated target modules."})
 
     def mose_config(self) -> MoSEConfig:
@@ -223,9 +223,9 @@ class FinetuneConfig:
     def arguments(self) -> dict[str, dict[str, Any]]:
         """Every argument, JSON-friendly, for the run configuration (``--save_total_limit`` as given)."""
         return {
-            "model": _values(self.model),
-            "data": _values(self.data),
-            "schedule": _values(self.schedule),
+            "model": argument_values(self.model),
+            "data": argument_values(self.data),
+            "schedule": argument_values(self.schedule),
             "training": {**self.training.to_dict(), "save_total_limit": self.checkpoints_kept},
         }
 
@@ -233,7 +233,8 @@ class FinetuneConfig:
 DATACLASSES = (ModelArguments, DataArguments, ScheduleArguments, FinetuneArguments)
 
 
-def _values(arguments: object) -> dict[str, Any]:
+def argument_values(arguments: object) -> dict[str, Any]:
+    """``{field: value}`` of an arguments dataclass (what ``run_config.json`` records)."""
     return {f.name: getattr(arguments, f.name) for f in fields(arguments)}
 
 
@@ -302,7 +303,8 @@ def check_config_values(values: dict[str, Any], path: Path, kinds: Sequence[type
     return checked
 
 
-def _gives(argv: Sequence[str], option: str) -> bool:
+def gives_option(argv: Sequence[str], option: str) -> bool:
+    """Whether the command line ``argv`` gives ``option`` (``--x v`` or ``--x=v``)."""
     return any(arg == option or arg.startswith(option + "=") for arg in argv)
 
 
@@ -314,7 +316,7 @@ def parse_finetune_args(argv: Sequence[str] | None = None) -> FinetuneConfig:
     config_file = None
     if argv and Path(argv[0]).suffix in CONFIG_SUFFIXES and not argv[0].startswith("-"):
         config_file = Path(argv.pop(0))
-    elif not _gives(argv, "--model_name_or_path"):
+    elif not gives_option(argv, "--model_name_or_path"):
         config_file = TINY_CONFIG
     parser = build_parser()
     if config_file is not None:
@@ -323,16 +325,16 @@ def parse_finetune_args(argv: Sequence[str] | None = None) -> FinetuneConfig:
     if unused:
         raise ValueError(f"Some specified arguments are not used by the HfArgumentParser: {unused}")
     values = vars(namespace)
-    model, data, schedule = (_build(kind, values) for kind in (ModelArguments, DataArguments, ScheduleArguments))
+    model, data, schedule = (build_arguments(k, values) for k in (ModelArguments, DataArguments, ScheduleArguments))
     # Trainer's arguments are built once, with their final values (building them again would reset accelerate's
     # state): the stage's learning rate unless one is given, and no rotation of Trainer's own, which would run before
     # the newest checkpoint has its manifest (integrity.CheckpointManifests rotates after it).
     rate = values["learning_rate"] if values["learning_rate"] is not None else STAGE_LEARNING_RATES.get(data.stage)
-    training = _build(FinetuneArguments, {**values, "learning_rate": rate, "save_total_limit": None})
+    training = build_arguments(FinetuneArguments, {**values, "learning_rate": rate, "save_total_limit": None})
     return FinetuneConfig(model, data, schedule, training, config_file, checkpoints_kept=values["save_total_limit"])
 
 
-def _build(kind: type, values: dict[str, Any]):
+def build_arguments(kind: type, values: dict[str, Any]):
     """A dataclass of the parser built from the parsed ``values`` it has fields for (as HfArgumentParser does)."""
     return kind(**{f.name: values[f.name] for f in fields(kind) if f.init})
 

@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 MODEL_MANIFEST = "model_manifest.json"
 MANIFEST_FORMAT = 1
-# The trained weights in a run or a checkpoint. adapter_config.json is not among them: its fields that change results
+# The trained weights in a run or a checkpoint (projectors: merr_finetune.py's only). adapter_config.json is not among them: its fields that change results
 # are recorded in the adapter's weights file (peft_mose.checksum), and the others (inference_mode ...) may be edited.
 WEIGHT_FILES = (f"{ADAPTER_DIR}/{SAFETENSORS_WEIGHTS_NAME}", PROJECTORS_FILE)
 # A finished run's model: its weights, the run configuration they were trained under (base model, features) and the
@@ -102,9 +102,25 @@ def weights_problems(directory: Path) -> list[str] | None:
     """What differs in the trained model of ``directory`` from what its run wrote: a checkpoint's weight files against
     its ``manifest.json``, a finished run's model files against its ``model_manifest.json``. ``None`` when the folder
     has neither manifest (a run that ended before writing it, or one written before manifests existed)."""
-    for name, names in ((MODEL_MANIFEST, None), (MANIFEST, WEIGHT_FILES)):
-        manifest = directory / name
-        if manifest.is_file():
-            listed = read_listed(manifest)
-            return changed_files(directory, listed, listed if names is None else names)
+    if (directory / MODEL_MANIFEST).is_file():
+        listed = read_listed(directory / MODEL_MANIFEST)
+        return changed_files(directory, listed, listed)
+    if (directory / MANIFEST).is_file():
+        listed = read_listed(directory / MANIFEST)
+        return changed_files(directory, listed, [n for n in WEIGHT_FILES if n in listed or (directory / n).exists()])
     return None
+
+
+def check_weights(directory: Path) -> None:
+    """Refuse a run folder or checkpoint whose model files are not the ones its run wrote (:func:`weights_problems`:
+    parts of two runs, a file replaced or damaged); warn when it has no manifest to check them against."""
+    problems = weights_problems(directory)
+    if problems:
+        raise ValueError(
+            f"{directory} does not hold the model its run wrote, nothing of it was loaded: {'; '.join(problems)}. "
+            "Its files come from different runs, or were changed or damaged after the run saved them."
+        )
+    if problems is None:
+        logger.warning("%s has no %s or %s: its files cannot be checked against what its run wrote (a run that "
+                       "stopped before finishing, or one saved before manifests existed).", directory, MODEL_MANIFEST,
+                       MANIFEST)  # fmt: skip

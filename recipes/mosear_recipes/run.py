@@ -19,7 +19,7 @@ from .emotion_llama.checkpoint import load_projectors, merge_lora_checkpoint
 from .emotion_llama.model import EmotionLlama, load_llm, load_tokenizer
 from .emotion_llama.projectors import EmotionLlamaProjectors
 from .emotion_llama.prompt import PromptEncoder
-from .manifests import MANIFEST, MODEL_MANIFEST, weights_problems
+from .manifests import check_weights
 from .quantization import prepare_for_training, quantization_config
 from .run_config import ADAPTER_DIR, PROJECTORS_FILE, RUN_CONFIG, RunConfig, base_model_mismatch
 from .textfiles import load_json
@@ -55,22 +55,12 @@ def check_adapter_dir(directory: Path) -> None:
 def check_trained_weights(directory: Path) -> None:
     """Refuse a folder (a run, or one of its checkpoints) without both trained parts, ``adapter/`` and
     ``projectors.safetensors``, with an adapter configuration PEFT cannot read (:func:`check_adapter_dir`), or whose
-    model files are not the ones its run wrote (:func:`~mosear_recipes.manifests.weights_problems`: parts of two runs,
-    a file replaced or damaged)."""
+    model files are not the ones its run wrote (:func:`~mosear_recipes.manifests.check_weights`)."""
     missing = [p for p in (directory / ADAPTER_DIR, directory / PROJECTORS_FILE) if not p.exists()]
     if missing:
         raise FileNotFoundError(f"{directory} holds no trained model: {', '.join(map(str, missing))} missing.")
     check_adapter_dir(directory / ADAPTER_DIR)
-    problems = weights_problems(directory)
-    if problems:
-        raise ValueError(
-            f"{directory} does not hold the model its run wrote, nothing of it was loaded: {'; '.join(problems)}. "
-            "Its files come from different runs, or were changed or damaged after the run saved them."
-        )
-    if problems is None:
-        logger.warning("%s has no %s or %s: its files cannot be checked against what its run wrote (a run that "
-                       "stopped before finishing, or one saved before manifests existed).", directory, MODEL_MANIFEST,
-                       MANIFEST)  # fmt: skip
+    check_weights(directory)
 
 
 # The MoSE options of merr_finetune.py that are adapter_config.json fields of the same name.

@@ -14,7 +14,16 @@ from transformers import TrainingArguments
 
 from peft_mose import MoSEConfig
 
-from ..arguments import CONFIG_DIR, CONFIG_SUFFIXES, _build, _gives, _mose_field, _values, build_parser, read_config_file
+from ..arguments import (
+    CONFIG_DIR,
+    CONFIG_SUFFIXES,
+    argument_values,
+    build_arguments,
+    build_parser,
+    gives_option,
+    mose_field,
+    read_config_file,
+)
 from ..distributed import share_cpu_deepspeed_state
 from ..quantization import QUANTIZATIONS
 
@@ -32,14 +41,14 @@ class OmniModelArguments:
         default=None, metadata={"help": "Qwen2.5-Omni folder or hub id (thinker weights, tokenizer, processors)."}
     )
     quantization: str = field(default="none", metadata={"help": "The frozen thinker: none, 4bit or 8bit."})
-    r: int = _mose_field("r")
-    n_experts: int = _mose_field("n_experts")
-    eps: float = _mose_field("eps")
-    lora_alpha: float = _mose_field("lora_alpha")
-    lora_dropout: float = _mose_field("lora_dropout")
-    router_hidden_size: int = _mose_field("router_hidden_size")
-    expert_kind: str = _mose_field("expert_kind")
-    router: bool = _mose_field("router")
+    r: int = mose_field("r")
+    n_experts: int = mose_field("n_experts")
+    eps: float = mose_field("eps")
+    lora_alpha: float = mose_field("lora_alpha")
+    lora_dropout: float = mose_field("lora_dropout")
+    router_hidden_size: int = mose_field("router_hidden_size")
+    expert_kind: str = mose_field("expert_kind")
+    router: bool = mose_field("router")
     target_modules: str | None = field(
         default=None, metadata={"help": "Comma-separated target modules; default: MoSE's own (the thinker's "
                                 "language-model q_proj, v_proj)."},
@@ -133,7 +142,7 @@ class OmniConfig:
 
     def arguments(self) -> dict[str, dict[str, Any]]:
         """Every argument, JSON-friendly (``--save_total_limit`` as given)."""
-        return {"model": _values(self.model), "data": _values(self.data),
+        return {"model": argument_values(self.model), "data": argument_values(self.data),
                 "training": {**self.training.to_dict(), "save_total_limit": self.checkpoints_kept}}  # fmt: skip
 
 
@@ -144,7 +153,7 @@ def parse_omni_args(argv: Sequence[str] | None = None) -> OmniConfig:
     config_file = None
     if argv and Path(argv[0]).suffix in CONFIG_SUFFIXES and not argv[0].startswith("-"):
         config_file = Path(argv.pop(0))
-    elif not _gives(argv, "--model_name_or_path"):
+    elif not gives_option(argv, "--model_name_or_path"):
         config_file = TINY_CONFIG
     parser = build_parser(kinds=KINDS)
     if config_file is not None:
@@ -153,8 +162,8 @@ def parse_omni_args(argv: Sequence[str] | None = None) -> OmniConfig:
     if unused:
         raise ValueError(f"Some specified arguments are not used by the HfArgumentParser: {unused}")
     values = vars(namespace)
-    model, data = _build(OmniModelArguments, values), _build(OmniDataArguments, values)
-    training = _build(OmniTrainingArguments, {**values, "save_total_limit": None})
+    model, data = build_arguments(OmniModelArguments, values), build_arguments(OmniDataArguments, values)
+    training = build_arguments(OmniTrainingArguments, {**values, "save_total_limit": None})
     return OmniConfig(model, data, training, config_file, checkpoints_kept=values["save_total_limit"])
 
 

@@ -20,13 +20,14 @@ from ..distributed import end_process_group
 from ..guards import train as guarded_train
 from ..integrity import resolve_resume, set_aside_damaged
 from ..logs import setup_logging
+from ..manifests import MODEL_MANIFEST, write_manifest
 from ..run_config import EVAL_DIR, RUN_CONFIG, base_model_identity
 from ..run_folder import check_output_dir, check_resume_agrees, clear_previous_run, output_lock
 from .arguments import OmniConfig, check_omni_args, parse_omni_args
 from .data import ClipDataset, MediaOptions
 from .evaluation import evaluate_clips
 from .inputs import DEFAULT_QUESTION, DEFAULT_SYSTEM, OmniEncoder, collate
-from .model import load_thinker
+from .model import OMNI_MODEL_FILES, load_thinker
 from .run_config import RESUME_ARGUMENTS, OmniRunConfig
 from .tiny import TINY_SYSTEM, write_tiny_clips, write_tiny_model
 from .trainer import OmniTrainer
@@ -142,11 +143,13 @@ def _train(config: OmniConfig, output_dir: Path, inputs: Inputs) -> dict | None:
     logger.info("%d training clips; inputs: %s.", len(inputs.train), encoder.path)
     guarded_train(trainer, resume)
     trainer.save_model(str(output_dir))
+    if args.should_save:
+        write_manifest(output_dir, trainer.state.global_step, OMNI_MODEL_FILES, MODEL_MANIFEST)
     result = None
     if inputs.evaluation is not None:
         result = evaluate_clips(trainer.model, inputs.evaluation, config.data.eval_labels,
                                 config.data.eval_max_new_tokens, output_dir / EVAL_DIR, args.should_save)  # fmt: skip
-    logger.info("Saved the adapter, run configuration and loss curve to %s.", output_dir)
+    logger.info("Saved the adapter, run configuration, loss curve and the model's manifest to %s.", output_dir)
     return result
 
 

@@ -8,15 +8,20 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel
+from peft.utils import SAFETENSORS_WEIGHTS_NAME
 from transformers import AutoConfig, Qwen2_5OmniThinkerForConditionalGeneration
 
 from ..quantization import prepare_for_training, quantization_config
 from ..run import adapter_mismatch, check_adapter_dir, check_base_model
+from ..manifests import check_weights
 from ..run_config import ADAPTER_DIR, RUN_CONFIG
 from .inputs import OmniEncoder
 from .run_config import OmniRunConfig
 
 logger = logging.getLogger(__name__)
+
+# A finished run's model: the adapter's weights and the run configuration they were trained under.
+OMNI_MODEL_FILES = (f"{ADAPTER_DIR}/{SAFETENSORS_WEIGHTS_NAME}", RUN_CONFIG)
 
 
 def load_thinker(model_path: str | Path, quantization: str = "none") -> torch.nn.Module:
@@ -43,12 +48,13 @@ def load_run(run_dir: str | Path, model_name_or_path: str | Path | None = None,
              weights_dir: str | Path | None = None) -> tuple[PeftModel, OmniEncoder, OmniRunConfig]:  # fmt: skip
     """A finished run rebuilt, eval mode: its run configuration, the base model it trained (or
     ``model_name_or_path`` when its config is the same), the adapter of ``weights_dir`` (default: the run's final one)
-    checked against the run's options; and the encoder with the run's prompt and media bounds."""
+    checked against the manifest its run wrote and the run's options; and the encoder with the run's prompt and media bounds."""
     run_dir = Path(run_dir)
     run = OmniRunConfig.read(run_dir)
     weights = Path(weights_dir) if weights_dir else run_dir
     adapter = weights / ADAPTER_DIR
     check_adapter_dir(adapter)
+    check_weights(weights)
     options = {k: v for k, v in run.arguments.get("model", {}).items() if v is not None}  # None: MoSE's default targets
     mismatch = adapter_mismatch(options, adapter)
     if mismatch:
