@@ -36,7 +36,9 @@ stale).
   naming the layer and a regex for the language model (`peft_mose/targets.py`).
 - **Modality ids**: on a multimodal model they are read off `input_ids` by the placeholder token ids its config names
   (`peft_mose/modality_tokens.py`) when the call passes none; `modality_ids=` still wins. Text LMs take them from the
-  caller.
+  caller. Read off the tokens, a teacher-forced answer is text, and the router would pool over it in training but
+  not in `generate`: when training, pass `modality_ids` with `Modality.ANSWER` on the answer (README; the omni
+  recipe does, `docs/omni.md`).
 - **AR / gate**: for a text model "exact" means tested against a float64 oracle on the model's own eager attention and
   bit for bit equal to the model where AR changes nothing; a multimodal model runs AR in its language model (one of
   those families): tau=inf is the model bit for bit, only the response rows of samples with visual and audio tokens

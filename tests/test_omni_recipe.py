@@ -9,12 +9,19 @@ import json
 import numpy as np
 import pytest
 import soundfile
+import torch
 from mosear_recipes.integrity import checkpoint_problems, checkpoints
+from mosear_recipes.omni.data import ClipDataset
+from mosear_recipes.omni.evaluate import main as evaluate_main
+from mosear_recipes.omni.evaluation import answer
 from mosear_recipes.omni.finetune import main as finetune_main
+from mosear_recipes.omni.inputs import collate
 from mosear_recipes.omni.infer import main as infer_main
 from mosear_recipes.omni.model import load_run
 from media_clips import moving_frames, tone, write_mp4
 from recipe_helpers import retrained
+
+from peft_mose import Modality
 
 FAST = ["--num_train_epochs", "2", "--logging_steps", "1"]
 
@@ -124,3 +131,41 @@ def test_bad_media_are_refused_before_anything_is_written(run, clips, tmp_path):
                            "--output_dir", str(target)])  # fmt: skip
         assert "m.jsonl:1 (id 'c1')" in str(error.value)
         assert not target.exists()
+
+
+def test_evaluate_scores_a_manifest_under_each_strategy(run, tmp_path, capsys):
+    out, _ = run
+    manifest = out / "tiny" / "data" / "train.jsonl"
+    rows = evaluate_main(["--run_dir", str(out), "--manifest", str(manifest), "--out_dir", str(tmp_path / "eval"),
+                          "--strategies", "none,ar,ar+gate", "--tau", "0.5", "--labels", "happy,sad,angry,neutral",
+                          "--max_new_tokens", "3"])  # fmt: skip
+    assert [name for name, _ in rows] == ["MoSE", "MoSE + AR", "MoSE + AR (gated)"]
+    summary = json.loads((tmp_path / "eval" / "scores.json").read_text())
+    assert [entry["strategy"] for entry in summary] == ["none", "ar", "ar+gate"]
+    assert all(set(entry["scores"]) == {"video_aligned", "audio_aligned", "consistent", "overall"} for entry in summary)
+    assert summary[0]["reallocation"] is None and summary[1]["reallocation"]["tau"] == 0.5
+    assert (tmp_path / "eval" / "ar" / "per_sample.jsonl").is_file() and (tmp_path / "eval" / "scores.png").is_file()
+    assert "MoSE + AR" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        evaluate_main(["--run_dir", str(out), "--manifest", str(tmp_path / "none.jsonl"), "--out_dir", str(tmp_path)])
+    assert "none.jsonl" in capsys.readouterr().err
+
+
+def test_teacher_forcing_and_generation_route_with_the_same_lambda(run):
+    """The target is ANSWER in the batch's modality ids, so the router pools over the prompt alone in training as at
+    generation (without it the target's tokens would count as text)."""
+    out, _ = run
+    model, encoder, config = load_run(out)
+    dataset = ClipDataset(out / "tiny" / "data" / "train.jsonl", encoder, config.media)
+    clip = dataset[1]
+    batch = collate([clip], encoder.tokenizer.pad_token_id)
+    assert (batch["modality_ids"][0, clip.prompt_length:] == int(Modality.ANSWER)).all()
+    assert (batch["labels"][0, : clip.prompt_length] == -100).all()
+    with torch.no_grad():
+        model(**batch)
+        trained = {k: v["lambda"] for k, v in model.base_model.routing_stats().items()}
+        answer(model, encoder, clip, max_new_tokens=1)
+        generated = {k: v["lambda"] for k, v in model.base_model.routing_stats().items()}
+    assert trained.keys() == generated.keys() and len(trained) == 4
+    for layer in trained:
+        torch.testing.assert_close(trained[layer], generated[layer])

@@ -112,6 +112,7 @@ def test_evaluation_and_inference_import_nothing_of_training():
     probe = (
         "import json, sys\n"
         "import mosear_recipes.evaluate_cli, mosear_recipes.inference, mosear_recipes.run\n"
+        "import mosear_recipes.omni.evaluate, mosear_recipes.omni.infer\n"
         f"print(json.dumps({{name: name in sys.modules for name in {TRAINING_MODULES!r}}}))\n"
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd="/")

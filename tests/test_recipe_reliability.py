@@ -21,7 +21,8 @@ from mosear_recipes.emotion_llama.model import load_tokenizer
 from mosear_recipes.emotion_llama.prompt import PromptEncoder
 from mosear_recipes.integrity import MANIFEST, write_manifest
 from mosear_recipes.merr.collator import MERRCollator
-from mosear_recipes.run import load_trained
+from mosear_recipes.run import adapter_mismatch, load_trained
+from mosear_recipes.run_config import target_modules_option
 from mosear_recipes.run_folder import LOCK_FILE, OutputDirError
 from recipe_helpers import coarse_dataset, retrained
 
@@ -129,6 +130,17 @@ def test_a_run_folder_with_an_adapter_of_other_options_is_refused(copy_of):
     (copy_of / "model_manifest.json").unlink()  # with it, the edited run_config.json is refused before (test below)
     with pytest.raises(ValueError, match=r"lora_alpha: 32 in the run's options, 16 in .*adapter"):
         load_trained(copy_of)
+
+
+def test_targets_left_to_mose_are_not_compared_with_what_they_resolved_to(tmp_path):
+    resolved = ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.up_proj"]
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "MOSE", "r": 8, "target_modules": resolved}))
+    for targets in ("all-linear", "ALL-LINEAR", None, ""):
+        assert adapter_mismatch({"r": 8, "target_modules": targets}, tmp_path) == []
+    assert adapter_mismatch({"r": 8, "target_modules": "q_proj"}, tmp_path) == [
+        f"target_modules: ['q_proj'] in the run's options, {sorted(resolved)!r} in {tmp_path}"]
+    assert target_modules_option(" all-linear ") == "all-linear" and target_modules_option("q_proj, v_proj") == [
+        "q_proj", "v_proj"]
 
 
 def test_init_from_a_run_with_other_mose_options_is_refused(tiny, finished, tmp_path):

@@ -20,6 +20,7 @@ from peft_mose.metrics import resolve_labels
 from .distributed import share_cpu_deepspeed_state
 from .merr.tasks import parse_tasks
 from .quantization import QUANTIZATIONS
+from .run_config import target_modules_option
 from .textfiles import load_json, load_yaml
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -88,7 +89,7 @@ class ModelArguments:
             router_hidden_size=self.router_hidden_size,
             expert_kind=self.expert_kind,
             router=self.router,
-            target_modules=[m.strip() for m in self.target_modules.split(",") if m.strip()],
+            target_modules=target_modules_option(self.target_modules),
         )
 
 

@@ -21,7 +21,7 @@ from .emotion_llama.projectors import EmotionLlamaProjectors
 from .emotion_llama.prompt import PromptEncoder
 from .manifests import check_weights
 from .quantization import prepare_for_training, quantization_config
-from .run_config import ADAPTER_DIR, PROJECTORS_FILE, RUN_CONFIG, RunConfig, base_model_mismatch
+from .run_config import ADAPTER_DIR, PROJECTORS_FILE, RUN_CONFIG, RunConfig, base_model_mismatch, target_modules_option
 from .textfiles import load_json
 
 logger = logging.getLogger(__name__)
@@ -69,10 +69,12 @@ MOSE_OPTIONS = ("r", "n_experts", "eps", "lora_alpha", "router_hidden_size", "ex
 
 def adapter_mismatch(model_options: dict, adapter_dir: Path) -> list[str]:
     """``"field: X in the run's options, Y in adapter_dir"`` for each MoSE option (``--target_modules``
-    comma-separated) that differs from the adapter's saved ``adapter_config.json``."""
+    comma-separated) that differs from the adapter's saved ``adapter_config.json``. Targets left to MoSE (none given,
+    or ``all-linear``) are not compared: the adapter records what they resolved to."""
     expected = {k: model_options[k] for k in MOSE_OPTIONS if k in model_options}
-    if isinstance(expected.get("target_modules"), str):
-        expected["target_modules"] = [m.strip() for m in expected["target_modules"].split(",") if m.strip()]
+    targets = target_modules_option(expected.pop("target_modules", None))
+    if isinstance(targets, list):
+        expected["target_modules"] = targets
     saved, wanted = result_fields(load_json(adapter_dir / CONFIG_NAME)), result_fields(expected)
     return [f"{k}: {wanted[k]!r} in the run's options, {saved[k]!r} in {adapter_dir}" for k in expected
             if saved[k] != wanted[k]]  # fmt: skip

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from peft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND
+
 from peft_mose import environment
 
 from .emotion_llama.features import FeatureSpec
@@ -116,3 +118,14 @@ def base_model_mismatch(recorded: dict[str, str] | None, model_path: str | Path)
 
 def _required(f: dataclasses.Field) -> bool:
     return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+def target_modules_option(value: str | None) -> str | list[str] | None:
+    """``--target_modules`` as ``MoSEConfig`` takes it: comma-separated names as a list, ``all-linear`` as PEFT's
+    shorthand string (a list holding it would be looked for as a module name), nothing as ``None`` (MoSE's default
+    targets)."""
+    if value is None or not value.strip():
+        return None
+    if value.strip().lower() == INCLUDE_LINEAR_LAYERS_SHORTHAND:
+        return INCLUDE_LINEAR_LAYERS_SHORTHAND
+    return [m.strip() for m in value.split(",") if m.strip()]

@@ -13,6 +13,7 @@ from typing import Any
 from transformers import TrainingArguments
 
 from peft_mose import MoSEConfig
+from peft_mose.metrics import LABEL_PARSERS, resolve_labels
 
 from ..arguments import (
     CONFIG_DIR,
@@ -24,6 +25,7 @@ from ..arguments import (
     mose_field,
     read_config_file,
 )
+from ..run_config import target_modules_option
 from ..distributed import share_cpu_deepspeed_state
 from ..quantization import QUANTIZATIONS
 
@@ -56,7 +58,7 @@ class OmniModelArguments:
 
     def mose_config(self) -> MoSEConfig:
         """The MoSE adapter configuration."""
-        targets = [m.strip() for m in self.target_modules.split(",") if m.strip()] if self.target_modules else None
+        targets = target_modules_option(self.target_modules)
         return MoSEConfig(r=self.r, n_experts=self.n_experts, eps=self.eps, lora_alpha=self.lora_alpha,
                           lora_dropout=self.lora_dropout, router_hidden_size=self.router_hidden_size,
                           expert_kind=self.expert_kind, router=self.router, target_modules=targets)  # fmt: skip
@@ -97,6 +99,10 @@ class OmniDataArguments:
     question: str | None = field(default=None, metadata={"help": "The user's question (default: the recipe's)."})
     system_prompt: str | None = field(default=None, metadata={"help": "System prompt (default: Qwen2.5-Omni's)."})
     eval_labels: str = field(default="mer2023", metadata={"help": "Label set scored: mer2023, dfew, merr or a,b,c."})
+    eval_parser: str = field(
+        default="robust", metadata={"help": "How an answer is read as a label (peft_mose.metrics): robust (the first "
+                                    "label named) or emotion_llama (the whole answer is a label)."},
+    )  # fmt: skip
     eval_max_new_tokens: int = field(default=16, metadata={"help": "Greedy tokens generated per evaluation clip."})
 
 
@@ -177,6 +183,9 @@ def check_omni_args(config: OmniConfig) -> None:
         raise ValueError("Give --model_name_or_path and --train_manifest together (or --tiny_setup true).")
     if model.quantization not in QUANTIZATIONS:
         raise ValueError(f"--quantization must be one of {list(QUANTIZATIONS)}, got {model.quantization!r}.")
+    if data.eval_parser not in LABEL_PARSERS:
+        raise ValueError(f"--eval_parser must be one of {list(LABEL_PARSERS)}, got {data.eval_parser!r}.")
+    resolve_labels(data.eval_labels)  # an unknown label set is refused before anything is written
     if data.audio not in AUDIO_MODES:
         raise ValueError(f"--audio must be one of {list(AUDIO_MODES)}, got {data.audio!r}.")
     if data.fps <= 0 or data.max_frames < 1:

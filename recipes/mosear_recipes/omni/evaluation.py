@@ -4,6 +4,7 @@ a manifest's clips with the existing metrics (by CA-MER subset when the manifest
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -13,7 +14,7 @@ import torch
 from torch import nn
 
 from peft_mose import attention_reallocation
-from peft_mose.metrics import normalize_word, resolve_labels
+from peft_mose.metrics import normalize_word
 
 from ..scoring import Reference, ScoringConfig, markdown_table, score, warn_skipped, write_report
 from .data import ClipDataset
@@ -26,8 +27,9 @@ def answer(model: nn.Module, encoder: OmniEncoder, clip: EncodedClip, max_new_to
            reallocation: Mapping[str, Any] | None = None) -> tuple[str, list]:  # fmt: skip
     """The greedy answer to ``clip``'s prompt (its target left out) and what :func:`attention_reallocation` yielded
     (empty without ``reallocation``)."""
-    prompt = EncodedClip(clip.input_ids[: clip.prompt_length], clip.labels[: clip.prompt_length], clip.media,
-                         clip.use_audio_in_video, clip.visual_tokens, clip.audio_tokens, clip.prompt_length)  # fmt: skip
+    n = clip.prompt_length
+    prompt = dataclasses.replace(clip, input_ids=clip.input_ids[:n], labels=clip.labels[:n],
+                                 modality_ids=clip.modality_ids[:n])  # fmt: skip
     batch = collate([prompt], encoder.tokenizer.pad_token_id)
     batch.pop("labels")
     device = next(model.parameters()).device
@@ -43,11 +45,13 @@ def answer(model: nn.Module, encoder: OmniEncoder, clip: EncodedClip, max_new_to
     return text.strip(), log
 
 
-def evaluate_clips(model: nn.Module, dataset: ClipDataset, labels: str, max_new_tokens: int, out_dir: Path,
-                   is_main: bool = True, reallocation: Mapping[str, Any] | None = None) -> dict | None:  # fmt: skip
-    """Recognition scores of ``dataset``'s clips (each needs a ``label``), by subset when they have one; the report
-    (scores.json, scores.md, per_sample.jsonl, scores.png) written to ``out_dir`` by the main process."""
-    label_set = resolve_labels(labels)
+def evaluate_clips(model: nn.Module, dataset: ClipDataset, scoring: ScoringConfig, max_new_tokens: int, out_dir: Path,
+                   is_main: bool = True, reallocation: Mapping[str, Any] | None = None,
+                   name: str = "MoSE") -> dict | None:  # fmt: skip
+    """Recognition scores (``scoring``: labels and parser) of ``dataset``'s clips (each needs a ``label``), by subset
+    when they have one; the report (scores.json, scores.md, per_sample.jsonl, scores.png) written to ``out_dir`` by
+    the main process."""
+    label_set = scoring.labels
     references = []
     for record in dataset.records:
         if record.label is None:
@@ -61,10 +65,10 @@ def evaluate_clips(model: nn.Module, dataset: ClipDataset, labels: str, max_new_
                    for i, record in enumerate(dataset.records)}  # fmt: skip
     if not is_main:
         return None
-    result, rows = score(predictions, references, ScoringConfig("recognition", label_set))
+    result, rows = score(predictions, references, scoring)
     for row in rows:
         row["prediction"] = predictions[row["id"]]
     warn_skipped(rows, "recognition")
-    write_report(result, rows, out_dir, name="MoSE")
-    logger.info("recognition scores:\n%s", markdown_table([("MoSE", result)]))
+    write_report(result, rows, out_dir, name=name)
+    logger.info("recognition scores:\n%s", markdown_table([(name, result)]))
     return result

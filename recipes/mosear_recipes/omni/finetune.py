@@ -15,6 +15,8 @@ import transformers
 from peft import get_peft_model
 from transformers import set_seed
 
+from peft_mose.metrics import resolve_labels
+
 from ..arguments import ScheduleArguments
 from ..distributed import end_process_group
 from ..guards import train as guarded_train
@@ -23,6 +25,7 @@ from ..logs import setup_logging
 from ..manifests import MODEL_MANIFEST, write_manifest
 from ..run_config import EVAL_DIR, RUN_CONFIG, base_model_identity
 from ..run_folder import check_output_dir, check_resume_agrees, clear_previous_run, output_lock
+from ..scoring import ScoringConfig
 from .arguments import OmniConfig, check_omni_args, parse_omni_args
 from .data import ClipDataset, MediaOptions
 from .evaluation import evaluate_clips
@@ -147,8 +150,9 @@ def _train(config: OmniConfig, output_dir: Path, inputs: Inputs) -> dict | None:
         write_manifest(output_dir, trainer.state.global_step, OMNI_MODEL_FILES, MODEL_MANIFEST)
     result = None
     if inputs.evaluation is not None:
-        result = evaluate_clips(trainer.model, inputs.evaluation, config.data.eval_labels,
-                                config.data.eval_max_new_tokens, output_dir / EVAL_DIR, args.should_save)  # fmt: skip
+        scoring = ScoringConfig("recognition", resolve_labels(data.eval_labels), parser=data.eval_parser)
+        result = evaluate_clips(trainer.model, inputs.evaluation, scoring, data.eval_max_new_tokens,
+                                output_dir / EVAL_DIR, args.should_save)  # fmt: skip
     logger.info("Saved the adapter, run configuration, loss curve and the model's manifest to %s.", output_dir)
     return result
 

@@ -62,10 +62,13 @@ class MediaInput:
 
 @dataclass
 class EncodedClip:
-    """One clip's tensors (no batch dimension on ``input_ids``/``labels``) and its placeholder counts."""
+    """One clip's tensors (no batch dimension on ``input_ids``/``labels``/``modality_ids``) and its placeholder
+    counts. ``modality_ids`` are read off the thinker's tokens, with the target ``ANSWER``: MoSE's router then pools
+    over the prompt alone, in training as at generation."""
 
     input_ids: torch.Tensor
     labels: torch.Tensor
+    modality_ids: torch.Tensor
     media: dict[str, torch.Tensor] = field(default_factory=dict)
     use_audio_in_video: bool = False
     visual_tokens: int = 0
@@ -209,9 +212,11 @@ class OmniEncoder:
         input_ids = torch.cat([prompt_ids.long(), target_ids.long()])
         labels = torch.cat([torch.full_like(prompt_ids, -100), target_ids]).long()
         modality = self.modality_tokens.modality_ids(input_ids[None])[0]
+        modality[len(prompt_ids):] = int(Modality.ANSWER)
         return EncodedClip(
             input_ids=input_ids,
             labels=labels,
+            modality_ids=modality,
             media=tensors,
             use_audio_in_video=media.audio_in_video and media.frames is not None and media.audio is not None,
             visual_tokens=int((modality == int(Modality.VISUAL)).sum()),
@@ -232,10 +237,13 @@ def collate(clips: list[EncodedClip], pad_id: int) -> dict[str, Any]:
     input_ids = torch.full((len(clips), length), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(clips), length), dtype=torch.long)
     labels = torch.full((len(clips), length), -100, dtype=torch.long)
+    modality_ids = torch.full((len(clips), length), int(Modality.TEXT), dtype=torch.long)
     for i, clip in enumerate(clips):
         n = len(clip.input_ids)
-        input_ids[i, length - n:], attention_mask[i, length - n:], labels[i, length - n:] = clip.input_ids, 1, clip.labels
-    batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        input_ids[i, length - n:], attention_mask[i, length - n:] = clip.input_ids, 1
+        labels[i, length - n:], modality_ids[i, length - n:] = clip.labels, clip.modality_ids
+    batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+                             "modality_ids": modality_ids}  # fmt: skip
     for key in sorted({k for clip in clips for k in clip.media}):
         batch[key] = torch.cat([clip.media[key] for clip in clips if key in clip.media])
     if flags == {True}:
