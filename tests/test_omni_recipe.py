@@ -108,6 +108,16 @@ def test_infer_on_a_clip_without_audio(run, clips, capsys):
     assert "no audio stream" in capsys.readouterr().err
 
 
+def test_infer_on_audio_alone(run, tmp_path, capsys):
+    out, _ = run
+    wav = tmp_path / "tone.wav"
+    soundfile.write(wav, tone(2.0), 16000)
+    text = infer_main(["--run_dir", str(out), "--audio", str(wav), "--max_new_tokens", "2", "--verbose"])
+    printed = capsys.readouterr().out
+    # 2 s at 25 audio tokens per second (the .mp4 clips have 51: AAC pads its last frame)
+    assert "0 visual tokens, 50 audio tokens (separate)" in printed and printed.splitlines()[-1] == f"none: {text}"
+
+
 def test_bad_media_are_refused_before_anything_is_written(run, clips, tmp_path):
     out, _ = run
     model = out / "tiny" / "model"
