@@ -207,7 +207,7 @@ BAD_OPTIONS = [  # (extra arguments after --out_dir, expected message); {model} 
      "nope: the data folder does not exist"),
     (["--run_dir", "{data}/nope"], "nope: the run folder does not exist"),
     (["--run_dir", "{data}"], "holds no run_config.json"),
-    (["--run_dir", "{run}"], "has format None, this version reads format 2"),
+    (["--run_dir", "{run}"], "has format None, merr_finetune.py writes format 2"),
     (["--run_dir", "{run}", "--projectors", "{checkpoint}"], "--projectors go with --model_name_or_path"),
     (["{base}", "--annotation", "nope.txt"], "--annotation nope.txt: the file does not exist"),
     (["{base}", "--subsets", "{data}/nope.csv"], "nope.csv: the subsets file does not exist"),

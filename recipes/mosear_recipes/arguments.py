@@ -39,7 +39,40 @@ def mose_field(name: str):
 
 
 @dataclass
-class ModelArguments:
+class MoSEArguments:
+    """MoSE's options, with ``MoSEConfig``'s defaults and help; ``--target_modules`` comma-separated or ``all-linear``
+    (default: MoSE's own targets)."""
+
+    r: int = mose_field("r")
+    n_experts: int = mose_field("n_experts")
+    eps: float = mose_field("eps")
+    lora_alpha: float = mose_field("lora_alpha")
+    lora_dropout: float = mose_field("lora_dropout")
+    router_hidden_size: int = mose_field("router_hidden_size")
+    expert_kind: str = mose_field("expert_kind")
+    router: bool = mose_field("router")
+    target_modules: str | None = field(
+        default=None, metadata={"help": "Comma-separated target modules or all-linear; default: MoSE's own (the "
+                                "language model's q_proj, v_proj)."},
+    )  # fmt: skip
+
+    def mose_config(self) -> MoSEConfig:
+        """The MoSE adapter configuration."""
+        return MoSEConfig(
+            r=self.r,
+            n_experts=self.n_experts,
+            eps=self.eps,
+            lora_alpha=self.lora_alpha,
+            lora_dropout=self.lora_dropout,
+            router_hidden_size=self.router_hidden_size,
+            expert_kind=self.expert_kind,
+            router=self.router,
+            target_modules=target_modules_option(self.target_modules),
+        )
+
+
+@dataclass
+class ModelArguments(MoSEArguments):
     """The LLM, what initialises it and the MoSE adapter."""
 
     _argument_group_name = "model"
@@ -68,29 +101,7 @@ class ModelArguments:
         metadata={"help": "A run folder (or checkpoint) whose adapter and projectors start this run: stage fine "
                   "starts from stage coarse's output."},
     )  # fmt: skip
-    r: int = mose_field("r")
-    n_experts: int = mose_field("n_experts")
-    eps: float = mose_field("eps")
-    lora_alpha: float = mose_field("lora_alpha")
-    lora_dropout: float = mose_field("lora_dropout")
-    router_hidden_size: int = mose_field("router_hidden_size")
-    expert_kind: str = mose_field("expert_kind")
-    router: bool = mose_field("router")
-    target_modules: str = field(default="q_proj,v_proj", metadata={"help": "Comma-separated target modules."})
-
-    def mose_config(self) -> MoSEConfig:
-        """The MoSE adapter configuration."""
-        return MoSEConfig(
-            r=self.r,
-            n_experts=self.n_experts,
-            eps=self.eps,
-            lora_alpha=self.lora_alpha,
-            lora_dropout=self.lora_dropout,
-            router_hidden_size=self.router_hidden_size,
-            expert_kind=self.expert_kind,
-            router=self.router,
-            target_modules=target_modules_option(self.target_modules),
-        )
+    target_modules: str | None = field(default="q_proj,v_proj", metadata={"help": "Comma-separated target modules."})
 
 
 @dataclass

@@ -27,7 +27,7 @@ from .emotion_llama.model import EmotionLlama, load_tokenizer
 from .emotion_llama.prompt import PromptEncoder
 from .generation import generate_predictions
 from .guards import train as guarded_train
-from .integrity import resolve_resume, set_aside_damaged
+from .integrity import resolve_resume
 from .logs import setup_logging
 from .merr.collator import MERRCollator
 from .merr.dataset import CAPTION_FILES, SUBTITLE_FILE, KeyedSamples, MERRDataset
@@ -37,7 +37,7 @@ from .merr.synthetic import FILES as SYNTHETIC_FILES
 from .manifests import MODEL_FILES, MODEL_MANIFEST, write_manifest
 from .modeling import build_model, check_init_source, merged_lora, reference_batch, write_reference_outputs
 from .run_config import EVAL_DIR, REFERENCE_FILE, RUN_CONFIG, RunConfig, StageConfig, base_model_identity
-from .run_folder import check_init_from, check_output_dir, check_resume_agrees, clear_previous_run, output_lock
+from .run_folder import check_init_from, check_output_dir, check_resume_agrees, output_lock, start_run
 from .scoring import ScoringConfig, markdown_table, score, warn_skipped, write_report
 from .tiny_setup import write_tiny_setup
 from .trainer import MoSETrainer
@@ -170,12 +170,7 @@ def _train(config: FinetuneConfig, output_dir: Path) -> dict | None:
     init_dir = Path(model_args.init_from) if model_args.init_from and not resume else None
     if init_dir is not None:
         check_init_source(init_dir, model_args, model_path)
-    if args.should_save:
-        if args.overwrite_output_dir:
-            clear_previous_run(output_dir)
-        if resume:
-            set_aside_damaged(output_dir, resume)
-        run_config.write(output_dir)
+    start_run(output_dir, run_config, resume, args.overwrite_output_dir, args.should_save)
     encoder = PromptEncoder(load_tokenizer(model_path), spec.n_patch_tokens, audio_repeat=config.data.audio_repeat)
     set_seed(args.seed)
     model = build_model(model_args, model_path, spec, encoder.tokenizer, init_dir)

@@ -58,26 +58,16 @@ class RunConfig:
 
     def write(self, directory: str | Path) -> Path:
         """Write ``directory/run_config.json``."""
-        path = Path(directory) / RUN_CONFIG
-        path.write_text(json.dumps(dataclasses.asdict(self), indent=2, default=str) + "\n", encoding="utf-8")
-        return path
+        return write_run_config(self, directory)
 
     @classmethod
     def read(cls, directory: str | Path) -> RunConfig:
         """The run configuration of a run folder, with an error that names what is wrong with it."""
+        values = run_config_values(
+            directory, "merr_finetune.py", FORMAT, "the run was written by another version of the recipe (format 1 "
+            "and older held several stages per run), or by omni_finetune.py; retrain or use that version."
+        )  # fmt: skip
         path = Path(directory) / RUN_CONFIG
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} does not exist: is {directory} an output folder of merr_finetune.py?")
-        try:
-            values = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise ValueError(f"{path} is not valid JSON: {error}.") from error
-        if not isinstance(values, dict) or values.get("format") != FORMAT:
-            found = values.get("format") if isinstance(values, dict) else None
-            raise ValueError(
-                f"{path} has format {found!r}, this version reads format {FORMAT}: the run was written by another "
-                "version of the recipe (format 1 and older held several stages per run); retrain or use that version."
-            )
         names = {f.name for f in dataclasses.fields(cls)}
         missing = sorted(f.name for f in dataclasses.fields(cls) if f.name not in values and _required(f))
         unknown = sorted(set(values) - names)
@@ -91,6 +81,29 @@ class RunConfig:
                 "stage": StageConfig(**{**stage, "tasks": tuple(stage["tasks"])}),
             }
         )
+
+
+def write_run_config(config: object, directory: str | Path) -> Path:
+    """Write the dataclass ``config`` as ``directory/run_config.json``."""
+    path = Path(directory) / RUN_CONFIG
+    path.write_text(json.dumps(dataclasses.asdict(config), indent=2, default=str) + "\n", encoding="utf-8")
+    return path
+
+
+def run_config_values(directory: str | Path, recipe: str, expected_format: object, otherwise: str) -> dict[str, Any]:
+    """The JSON object of ``directory/run_config.json`` written by ``recipe`` in ``expected_format``; an error naming
+    the file when it is missing, not JSON, or of another format (``otherwise`` says what that means)."""
+    path = Path(directory) / RUN_CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: is {directory} an output folder of {recipe}?")
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON: {error}.") from error
+    if not isinstance(values, dict) or values.get("format") != expected_format:
+        found = values.get("format") if isinstance(values, dict) else None
+        raise ValueError(f"{path} has format {found!r}, {recipe} writes format {expected_format!r}: {otherwise}")
+    return values
 
 
 # config.json keys that say where or how a model was saved, not what it is.

@@ -12,8 +12,9 @@ import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Protocol
 
-from .integrity import checkpoints
+from .integrity import checkpoints, set_aside_damaged
 from .manifests import MODEL_MANIFEST
 from .run_config import ADAPTER_DIR, EVAL_DIR, LOSS_CURVE, PROJECTORS_FILE, REFERENCE_FILE, RUN_CONFIG, RunConfig
 
@@ -86,6 +87,24 @@ def clear_previous_run(output_dir: Path) -> None:
     for name in held:
         path = output_dir / name
         shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+class WritesItself(Protocol):
+    """A recipe's run configuration (:class:`RunConfig`, the omni recipe's ``OmniRunConfig``)."""
+
+    def write(self, directory: str | Path) -> Path: ...
+
+
+def start_run(output_dir: Path, run_config: WritesItself, resume: str | None, overwrite: bool, is_main: bool) -> None:
+    """Once the folder is claimed and the inputs checked, on the main process: remove the run being replaced
+    (``--overwrite_output_dir``), set aside the damaged checkpoints newer than the one resumed, write ``run_config``."""
+    if not is_main:
+        return
+    if overwrite:
+        clear_previous_run(output_dir)
+    if resume:
+        set_aside_damaged(output_dir, resume)
+    run_config.write(output_dir)
 
 
 def check_resume_agrees(

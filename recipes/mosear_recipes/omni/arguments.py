@@ -12,20 +12,18 @@ from typing import Any
 
 from transformers import TrainingArguments
 
-from peft_mose import MoSEConfig
 from peft_mose.metrics import LABEL_PARSERS, resolve_labels
 
 from ..arguments import (
     CONFIG_DIR,
     CONFIG_SUFFIXES,
+    MoSEArguments,
     argument_values,
     build_arguments,
     build_parser,
     gives_option,
-    mose_field,
     read_config_file,
 )
-from ..run_config import target_modules_option
 from ..distributed import share_cpu_deepspeed_state
 from ..quantization import QUANTIZATIONS
 
@@ -34,8 +32,9 @@ AUDIO_MODES = ("required", "optional", "none")
 
 
 @dataclass
-class OmniModelArguments:
-    """The Qwen2.5-Omni thinker and its MoSE adapter."""
+class OmniModelArguments(MoSEArguments):
+    """The Qwen2.5-Omni thinker and its MoSE adapter (default targets: MoSE's own, the language model's q_proj,
+    v_proj)."""
 
     _argument_group_name = "model"
 
@@ -43,25 +42,6 @@ class OmniModelArguments:
         default=None, metadata={"help": "Qwen2.5-Omni folder or hub id (thinker weights, tokenizer, processors)."}
     )
     quantization: str = field(default="none", metadata={"help": "The frozen thinker: none, 4bit or 8bit."})
-    r: int = mose_field("r")
-    n_experts: int = mose_field("n_experts")
-    eps: float = mose_field("eps")
-    lora_alpha: float = mose_field("lora_alpha")
-    lora_dropout: float = mose_field("lora_dropout")
-    router_hidden_size: int = mose_field("router_hidden_size")
-    expert_kind: str = mose_field("expert_kind")
-    router: bool = mose_field("router")
-    target_modules: str | None = field(
-        default=None, metadata={"help": "Comma-separated target modules; default: MoSE's own (the thinker's "
-                                "language-model q_proj, v_proj)."},
-    )  # fmt: skip
-
-    def mose_config(self) -> MoSEConfig:
-        """The MoSE adapter configuration."""
-        targets = target_modules_option(self.target_modules)
-        return MoSEConfig(r=self.r, n_experts=self.n_experts, eps=self.eps, lora_alpha=self.lora_alpha,
-                          lora_dropout=self.lora_dropout, router_hidden_size=self.router_hidden_size,
-                          expert_kind=self.expert_kind, router=self.router, target_modules=targets)  # fmt: skip
 
 
 @dataclass

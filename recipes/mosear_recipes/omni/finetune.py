@@ -20,11 +20,11 @@ from peft_mose.metrics import resolve_labels
 from ..arguments import ScheduleArguments
 from ..distributed import end_process_group
 from ..guards import train as guarded_train
-from ..integrity import resolve_resume, set_aside_damaged
+from ..integrity import resolve_resume
 from ..logs import setup_logging
 from ..manifests import MODEL_MANIFEST, write_manifest
 from ..run_config import EVAL_DIR, RUN_CONFIG, base_model_identity
-from ..run_folder import check_output_dir, check_resume_agrees, clear_previous_run, output_lock
+from ..run_folder import check_output_dir, check_resume_agrees, output_lock, start_run
 from ..scoring import ScoringConfig
 from .arguments import OmniConfig, check_omni_args, parse_omni_args
 from .data import ClipDataset, MediaOptions
@@ -124,12 +124,7 @@ def _train(config: OmniConfig, output_dir: Path, inputs: Inputs) -> dict | None:
     if resume and (output_dir / RUN_CONFIG).is_file():
         check_resume_agrees(OmniRunConfig.read(output_dir), run_config, output_dir / RUN_CONFIG,
                             compared=("base_model",), resume_arguments=RESUME_ARGUMENTS)  # fmt: skip
-    if args.should_save:
-        if args.overwrite_output_dir:
-            clear_previous_run(output_dir)
-        if resume:
-            set_aside_damaged(output_dir, resume)
-        run_config.write(output_dir)
+    start_run(output_dir, run_config, resume, args.overwrite_output_dir, args.should_save)
     set_seed(args.seed)
     thinker = load_thinker(inputs.model_path, config.model.quantization)
     model = get_peft_model(thinker, config.model.mose_config())

@@ -4,14 +4,13 @@ read back by inference and evaluation."""
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from peft_mose import environment
 
-from ..run_config import RUN_CONFIG
+from ..run_config import RUN_CONFIG, run_config_values, write_run_config
 from .data import MediaOptions
 
 FORMAT = "omni-1"
@@ -48,24 +47,14 @@ class OmniRunConfig:
 
     def write(self, directory: str | Path) -> Path:
         """Write ``directory/run_config.json``."""
-        path = Path(directory) / RUN_CONFIG
-        path.write_text(json.dumps(dataclasses.asdict(self), indent=2, default=str) + "\n", encoding="utf-8")
-        return path
+        return write_run_config(self, directory)
 
     @classmethod
     def read(cls, directory: str | Path) -> OmniRunConfig:
         """The run configuration of a run folder of ``omni_finetune.py``, with an error naming what is wrong."""
+        values = run_config_values(directory, "omni_finetune.py", FORMAT, "it is not a run of omni_finetune.py "
+                                   "(merr_finetune.py runs load with merr_infer.py).")  # fmt: skip
         path = Path(directory) / RUN_CONFIG
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} does not exist: is {directory} an output folder of omni_finetune.py?")
-        try:
-            values = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise ValueError(f"{path} is not valid JSON: {error}.") from error
-        if not isinstance(values, dict) or values.get("format") != FORMAT:
-            found = values.get("format") if isinstance(values, dict) else None
-            raise ValueError(f"{path} has format {found!r}, not {FORMAT!r}: it is not a run of omni_finetune.py "
-                             "(merr_finetune.py runs load with merr_infer.py).")  # fmt: skip
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
         if unknown:
