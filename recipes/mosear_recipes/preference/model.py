@@ -57,18 +57,23 @@ class PreferenceEmotionLlama(EmotionLlama):
         """Tag the LLM (TRL tags the models it trains; the tags go into a saved model card)."""
         self.llm.add_model_tags(tags)
 
+    # TRL 1.16 turns activation checkpointing off around the reference pass under transformers' old names; the LLM
+    # is asked under the new ones where it has them (transformers >= 5.23), which do not warn.
+    def _checkpointing(self, new: str, old: str) -> Any:
+        return getattr(self.llm, new if hasattr(self.llm.get_base_model(), new) else old)
+
     @property
     def is_gradient_checkpointing(self) -> bool:
-        """Whether the LLM checkpoints activations (TRL turns it off around the reference pass)."""
-        return self.llm.is_gradient_checkpointing
+        """Whether the LLM checkpoints activations."""
+        return self._checkpointing("is_activation_checkpointing", "is_gradient_checkpointing")
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        """Enable activation checkpointing in the LLM (Trainer and TRL call it with a positional argument)."""
-        self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+        """Enable activation checkpointing in the LLM (Trainer and TRL pass the options positionally)."""
+        self._checkpointing("activation_checkpointing_enable", "gradient_checkpointing_enable")(gradient_checkpointing_kwargs)
 
     def gradient_checkpointing_disable(self) -> None:
         """Disable activation checkpointing in the LLM."""
-        self.llm.gradient_checkpointing_disable()
+        self._checkpointing("activation_checkpointing_disable", "gradient_checkpointing_disable")()
 
     def adapter_context(self) -> contextlib.AbstractContextManager:
         """The adapter disabled for a reference of a fresh adapter, else nothing."""
