@@ -93,7 +93,8 @@ def read_cues(path: str | Path, labels: Sequence[str]) -> dict[str, Cues]:
         missing = [f for f in CUE_FIELDS if not isinstance(entry.get(f), str) or not entry[f].strip()]
         unknown = sorted(set(entry) - set(CUE_FIELDS))
         if missing or unknown:
-            raise SampleError(name, path, "bad cues", f"missing or empty {missing}, unknown {unknown}")
+            problems = [f"missing or empty {missing}"] * bool(missing) + [f"unknown {unknown}"] * bool(unknown)
+            raise SampleError(name, path, "bad cues", ", ".join(problems))
         for field in ("visual_label", "audio_label"):
             if entry[field] not in labels:
                 raise SampleError(name, path, "bad cues", f"{field} {entry[field]!r} is not one of {list(labels)}")
