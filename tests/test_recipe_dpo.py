@@ -25,11 +25,12 @@ from mosear_recipes.arguments import ModelArguments
 from mosear_recipes.emotion_llama.model import load_tokenizer
 from mosear_recipes.emotion_llama.prompt import PromptEncoder
 from mosear_recipes.merr.dataset import MERRDataset
-from mosear_recipes.merr.perceive import read_cues
+from mosear_recipes.merr.perceive import Cues, conclusion, read_cues
 from mosear_recipes.merr.readers import EMOTION_LABELS
+from mosear_recipes.merr.synthetic import LABELS, SyntheticSample
 from mosear_recipes.merr.tasks import normalize_answer
 from mosear_recipes.modeling import build_model
-from mosear_recipes.preference import dpo
+from mosear_recipes.preference import compare, dpo
 from mosear_recipes.preference.data import PreferenceCollator, check_pair_samples
 from mosear_recipes.preference.model import PreferenceEmotionLlama, reference_model
 from mosear_recipes.preference.pairs import build_pairs
@@ -241,3 +242,35 @@ def test_sft_recipe_trains_perceive_then_reason_answers(tiny, tmp_path):
                            "--eval_strategy", "no"))  # fmt: skip
     trained = load_trained(out)
     assert trained.run_config.stage.tasks == ("emotion", "perceive")
+
+
+# --- the conflict-set comparison (recipes/preference_compare.py) ---
+
+
+def test_audio_following_and_candidates():
+    truth = [SyntheticSample(f"s{i}", "test", subset, label, visual, audio) for i, (subset, label, visual, audio) in
+             enumerate([("video_aligned", "sad", "sad", "happy"), ("video_aligned", "angry", "angry", "fear"),
+                        ("audio_aligned", "happy", "sad", "happy"), ("consistent", "sad", "sad", "sad")])]  # fmt: skip
+    predictions = {"s0": "happy", "s1": "angry", "s2": "happy", "s3": "angry"}
+    row = compare.audio_following(predictions, truth)
+    assert row == {"video_aligned": 0.5, "audio_aligned": 1.0, "consistent": 0.0, "audio_following": 0.5}
+    conflict = Cues("frowning", "angry", "cheerful", "happy")
+    assert compare.candidates("emotion", conflict) == {label: label for label in LABELS}
+    choices = compare.candidates("perceive", conflict)
+    assert list(choices) == ["angry", "happy"]
+    assert "the face is more telling" in choices["angry"] and conclusion(choices["happy"]) == "happy"
+    agree = compare.candidates("perceive", Cues("frowning", "angry", "loud", "angry"))
+    assert list(agree) == list(LABELS) and all("agree" in a and conclusion(a) == k for k, a in agree.items())
+
+
+def test_comparison_runs_end_to_end(tmp_path):
+    rows = compare.compare(tmp_path, compare.Size(num_samples=30, sft_steps=3, dpo_steps=2))
+    assert list(rows) == ["LoRA SFT", "MoSE SFT", "MoSE SFT + AR", "MoSE SFT + DPO", "MoSE SFT + DPO + AR"]
+    for per_task in rows.values():
+        assert set(per_task) == {"emotion", "perceive"}
+        for row in per_task.values():
+            assert set(row) == {"video_aligned", "audio_aligned", "consistent", "audio_following"}
+            assert all(0.0 <= v <= 1.0 for v in row.values())
+    assert json.loads((tmp_path / "comparison.json").read_text())["rows"] == rows
+    assert (tmp_path / "comparison.md").read_text().count("\n| MoSE SFT + DPO |") == 2
+    assert (tmp_path / "mose_dpo" / "adapter").is_dir() and (tmp_path / "mose_sft" / "adapter").is_dir()

@@ -33,7 +33,6 @@ from transformers import set_seed
 from peft_mose.attention import attention_reallocation
 
 from ..arguments import TINY_CONFIG, parse_finetune_args, total_steps
-from ..emotion_llama.features import FeatureSpec
 from ..emotion_llama.model import EmotionLlama, load_llm, load_tokenizer
 from ..emotion_llama.projectors import EmotionLlamaProjectors
 from ..emotion_llama.prompt import PromptEncoder
@@ -53,7 +52,7 @@ from .dpo import main as dpo_main
 logger = logging.getLogger(__name__)
 
 TRAIN_SUBSETS = {"consistent": 0.4, "audio_aligned": 0.42, "video_aligned": 0.18}
-NOISE = {"eva": 0.6, "face": 0.6, "video": 0.6, "audio": 0.1}  # the voice is the cleaner cue
+NOISE = {"eva": 6.0, "face": 3.0, "video": 3.0, "audio": 0.1}  # the voice is by far the cleaner cue
 TASKS = ("emotion", "perceive")
 DEFAULT_MIX = "audio_aligned=0.25"
 
@@ -139,14 +138,16 @@ def answer_logps(model: EmotionLlama, batch: dict) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict(model: EmotionLlama, setup_dir: Path, task: str, reallocate: bool) -> tuple[dict[str, str], list]:
+def predict(
+    model: EmotionLlama, setup_dir: Path, task: str, reallocation: Reallocation | None
+) -> tuple[dict[str, str], list[SyntheticSample]]:
     """Each test sample's prediction: the candidate (:func:`candidates`) the model scores highest, teacher-forced,
-    under AR (``Reallocation()``'s defaults, on the answer rows) when ``reallocate``; and the samples' truth."""
+    under AR with ``reallocation``'s options (on the answer rows) when given; and the samples' truth."""
     data_root = setup_dir / "data"
     test = open_dataset(data_root / FILES["test_txt"], data_root, (task,), False)
     cues = read_cues(data_root / FILES["cues_json"], EMOTION_LABELS)
     collate = MERRCollator(PromptEncoder(load_tokenizer(setup_dir / "model"), test.spec.n_patch_tokens))
-    options = Reallocation().options("ar") if reallocate else None
+    options = reallocation.options("ar") if reallocation is not None else None
     model.eval()
     predictions = {}
     for index, record in enumerate(test.records):
@@ -160,32 +161,37 @@ def predict(model: EmotionLlama, setup_dir: Path, task: str, reallocate: bool) -
     return predictions, [s for s in read_synthetic_subsets(data_root / FILES["subsets"]) if s.name in names]
 
 
-def evaluate(model: EmotionLlama, setup_dir: Path, reallocate: bool) -> dict[str, dict[str, float]]:
+def evaluate(
+    model: EmotionLlama, setup_dir: Path, reallocation: Reallocation | None = None
+) -> dict[str, dict[str, float]]:
     """:func:`audio_following` of :func:`predict` on the balanced test split, for recognition (``emotion``) and for
     the perceive-then-reason conclusion (``perceive``)."""
-    return {task: audio_following(*predict(model, setup_dir, task, reallocate)) for task in TASKS}
+    return {task: audio_following(*predict(model, setup_dir, task, reallocation)) for task in TASKS}
 
 
-def compare(out_dir: Path, size: Size, seed: int = 0, mix: str = DEFAULT_MIX, beta: float = 0.1) -> dict[str, dict]:
-    """Write the conflict set to ``out_dir/setup``, train and evaluate the five configurations; returns (and writes
-    to ``out_dir/comparison.json`` and ``comparison.md``) their rows."""
+def compare(
+    out_dir: Path, size: Size, seed: int = 0, mix: str = DEFAULT_MIX, beta: float = 0.1, tau: float = 1.0
+) -> dict[str, dict]:
+    """Write the conflict set to ``out_dir/setup``, train and evaluate the five configurations (AR with threshold
+    ``tau``); returns (and writes to ``out_dir/comparison.json`` and ``comparison.md``) their rows."""
+    ar = Reallocation(tau=tau)
     setup_dir = out_dir / "setup"
     write_tiny_setup(setup_dir, num_samples=size.num_samples, seed=seed, train_subsets=TRAIN_SUBSETS, noise=NOISE)
     rows: dict[str, dict] = {}
-    rows["LoRA SFT"] = evaluate(train_lora_sft(setup_dir, out_dir / "lora_sft", size.sft_steps, seed), setup_dir, False)
+    rows["LoRA SFT"] = evaluate(train_lora_sft(setup_dir, out_dir / "lora_sft", size.sft_steps, seed), setup_dir)
     finetune_main(sft_args(setup_dir, out_dir / "mose_sft", size.sft_steps, seed))
     mose = load_trained(out_dir / "mose_sft").model
-    rows["MoSE SFT"] = evaluate(mose, setup_dir, False)
-    rows["MoSE SFT + AR"] = evaluate(mose, setup_dir, True)
+    rows["MoSE SFT"] = evaluate(mose, setup_dir)
+    rows["MoSE SFT + AR"] = evaluate(mose, setup_dir, ar)
     dpo_main(["--model_name_or_path", str(setup_dir / "model"), "--data_root", str(setup_dir / "data"),
               "--init_from", str(out_dir / "mose_sft"), "--output_dir", str(out_dir / "mose_dpo"), "--r", "8",
               "--mix", mix, "--beta", str(beta), "--learning_rate", "1e-3", "--lr_scheduler_type", "constant",
               "--max_steps", str(size.dpo_steps), "--per_device_train_batch_size", "4", "--save_strategy", "no",
               "--seed", str(seed), "--logging_steps", "10", "--disable_tqdm", "true", "--report_to", "none"])  # fmt: skip
     tuned = load_trained(out_dir / "mose_dpo").model
-    rows["MoSE SFT + DPO"] = evaluate(tuned, setup_dir, False)
-    rows["MoSE SFT + DPO + AR"] = evaluate(tuned, setup_dir, True)
-    record = {"size": asdict(size), "seed": seed, "mix": mix, "beta": beta, "train_subsets": TRAIN_SUBSETS,
+    rows["MoSE SFT + DPO"] = evaluate(tuned, setup_dir)
+    rows["MoSE SFT + DPO + AR"] = evaluate(tuned, setup_dir, ar)
+    record = {"size": asdict(size), "seed": seed, "mix": mix, "beta": beta, "tau": tau, "train_subsets": TRAIN_SUBSETS,
               "noise": NOISE, "rows": rows}  # fmt: skip
     (out_dir / "comparison.json").write_text(json.dumps(record, indent=2) + "\n")
     (out_dir / "comparison.md").write_text(table(rows) + "\n")
@@ -205,17 +211,18 @@ def table(rows: Mapping[str, Mapping[str, Mapping[str, float]]]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, dict]:
-    """``python -m mosear_recipes.preference.compare OUT_DIR [--size ci|full] [--seed] [--mix] [--beta]``."""
+    """``python -m mosear_recipes.preference.compare OUT_DIR [--size ci|full] [--seed] [--mix] [--beta] [--tau]``."""
     parser = argparse.ArgumentParser(prog="python -m mosear_recipes.preference.compare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--size", choices=sorted(SIZES), default="ci")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mix", default=DEFAULT_MIX, help=f"DPO pair mix (default {DEFAULT_MIX})")
-    parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument("--beta", type=float, default=0.1, help="DPO beta (default 0.1)")
+    parser.add_argument("--tau", type=float, default=1.0, help="AR threshold (default 1.0, Reallocation's)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%X")
-    rows = compare(args.out_dir, SIZES[args.size], args.seed, args.mix, args.beta)
+    rows = compare(args.out_dir, SIZES[args.size], args.seed, args.mix, args.beta, args.tau)
     print(table(rows))
     return rows
 
