@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -25,7 +24,7 @@ from ..distributed import end_process_group
 from ..emotion_llama.features import FeatureSpec
 from ..emotion_llama.model import load_tokenizer
 from ..emotion_llama.prompt import PromptEncoder
-from ..finetune import open_dataset
+from ..finetune import exit_on_refusal, open_dataset, prepare_inputs
 from ..guards import NonFiniteGuard, train as guarded_train
 from ..integrity import CheckpointManifests, resolve_resume, set_aside_damaged
 from ..logs import setup_logging
@@ -34,7 +33,6 @@ from ..modeling import build_model, merged_lora
 from ..progress import TrainingProgressCallback
 from ..run_config import RUN_CONFIG, RunConfig, StageConfig, base_model_identity
 from ..run_folder import check_init_from, check_output_dir, check_resume_agrees, clear_previous_run, output_lock
-from ..tiny_setup import write_tiny_setup
 from ..trainer import TrainedPartsCheckpoints
 from .data import PreferenceCollator, check_pair_samples, trl_dataset
 from .model import PreferenceEmotionLlama, reference_model
@@ -43,7 +41,6 @@ from .pairs import PairMix, build_pairs, read_pairs, write_pairs
 logger = logging.getLogger(__name__)
 
 TINY_DPO_CONFIG = CONFIG_DIR / "dpo_tiny.yaml"
-TINY_DIR = "tiny"
 PAIRS_FILE = "pairs.jsonl"
 METRICS_FILE = "metrics.jsonl"
 REWARD_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
@@ -165,18 +162,6 @@ class MoSEDPOTrainer(TrainedPartsCheckpoints, DPOTrainer):
     """TRL's ``DPOTrainer`` whose checkpoints hold only what trains (adapter and projectors), as the SFT recipe's."""
 
 
-def prepare_inputs(config: DPORunConfig, output_dir: Path) -> tuple[Path, Path]:
-    """``(model folder, data root)``: the given ones, or the tiny setup written to ``output_dir/tiny``."""
-    if not config.data.tiny_setup:
-        return Path(config.model.model_name_or_path), Path(config.data.data_root)
-    args = config.training
-    tiny = output_dir / TINY_DIR
-    with args.main_process_first(local=False, desc="writing the tiny setup"):
-        if args.process_index == 0:
-            write_tiny_setup(tiny, num_samples=config.data.tiny_samples, seed=args.seed)
-    return tiny / "model", tiny / "data"
-
-
 def dpo(config: DPORunConfig) -> list[dict[str, float]]:
     """Tune, save the adapter, projectors and run configuration, and return Trainer's log history (TRL's reward
     metrics among it). The output folder is claimed first, as by ``merr_finetune.py``."""
@@ -197,7 +182,7 @@ def _tune(config: DPORunConfig, output_dir: Path) -> list[dict[str, float]]:
     resume = resolve_resume(args.resume_from_checkpoint, output_dir)
     if args.should_save and args.overwrite_output_dir and not resume:
         clear_previous_run(output_dir)
-    model_path, data_root = prepare_inputs(config, output_dir)
+    model_path, data_root = prepare_inputs(config, output_dir, data.tiny_samples)
     samples = open_dataset(data_root / data.annotation, data_root, ("emotion",), data.skip_missing, data.labels)
     if data.pairs:
         pair_file = Path(data.pairs)
@@ -261,11 +246,6 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
 
 
 def cli(argv: Sequence[str] | None = None) -> None:
-    """The entry point of ``recipes/merr_dpo.py``: a refused input ends the process with exit status 2 and its
-    message, without a traceback."""
-    try:
-        main(argv)
-    except (OSError, ValueError) as error:
-        logger.debug("refused", exc_info=error)
-        print(f"merr_dpo.py: error: {error}", file=sys.stderr)
-        sys.exit(2)
+    """The entry point of ``recipes/merr_dpo.py``: :func:`main`, a refused input ending the process with exit
+    status 2 and its message, without a traceback."""
+    exit_on_refusal(main, argv, "merr_dpo.py")
