@@ -214,6 +214,8 @@ def test_resume_ends_in_the_state_of_the_uninterrupted_run(default_run, tmp_path
     uninterrupted, _ = default_run
     out = tmp_path / "run"
     run_dpo(out, "--max_steps", "2")
+    with pytest.raises(ValueError, match=r"--beta: 0\.1 in the run, 0\.5 now"):  # what changes the training: refused
+        run_dpo(out, "--max_steps", "4", "--beta", "0.5", "--resume_from_checkpoint", str(out / "checkpoint-2"))
     history = run_dpo(out, "--max_steps", "4", "--resume_from_checkpoint", str(out / "checkpoint-2"))
     assert [entry["step"] for entry in history if "loss" in entry] == [1, 2, 3, 4]  # 1, 2 from the checkpoint
     for path in ("adapter/adapter_model.safetensors", "projectors.safetensors"):

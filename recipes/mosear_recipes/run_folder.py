@@ -87,14 +87,16 @@ def clear_previous_run(output_dir: Path) -> None:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
-def check_resume_agrees(stored: RunConfig, new: RunConfig, path: Path) -> None:
-    """Refuse resuming a run whose recorded configuration (``path``) differs from this one's, naming the first
-    differences with both values."""
+def check_resume_agrees(
+    stored: RunConfig, new: RunConfig, path: Path, arguments: dict[str, tuple[str, ...]] = RESUME_ARGUMENTS
+) -> None:
+    """Refuse resuming a run whose recorded configuration (``path``) differs from this one's in ``arguments``
+    (by group; another script passes its own), naming the first differences with both values."""
     differences = [(name, getattr(stored, name), getattr(new, name)) for name in ("base_model", "feature_spec")
                    if getattr(stored, name) != getattr(new, name)]  # fmt: skip
-    for group, keys in RESUME_ARGUMENTS.items():
+    for group, keys in arguments.items():
         for key in keys:
-            before, now = stored.arguments.get(group, {}).get(key), new.arguments[group].get(key)
+            before, now = stored.arguments.get(group, {}).get(key), new.arguments.get(group, {}).get(key)
             if before != now:
                 differences.append((f"--{key}", before, now))
     if differences:

@@ -32,6 +32,7 @@ from ..merr.perceive import CUES_FILE, read_cues
 from ..modeling import build_model, merged_lora
 from ..progress import TrainingProgressCallback
 from ..run_config import RUN_CONFIG, RunConfig, StageConfig, base_model_identity
+from ..run_folder import RESUME_ARGUMENTS as MERR_RESUME_ARGUMENTS
 from ..run_folder import check_init_from, check_output_dir, check_resume_agrees, clear_previous_run, output_lock
 from ..trainer import TrainedPartsCheckpoints
 from .data import PreferenceCollator, check_pair_samples, trl_dataset
@@ -100,6 +101,13 @@ class MoSEDPOConfig(DPOConfig):
 
 
 DPO_DATACLASSES = (ModelArguments, PreferenceDataArguments, MoSEDPOConfig)
+# The arguments a resumed run must share with the run it resumes: those that change what it trains.
+RESUME_ARGUMENTS = {
+    "model": MERR_RESUME_ARGUMENTS["model"],
+    "data": ("tiny_setup", "tiny_samples", "annotation", "pairs", "mix", "audio_repeat", "labels", "skip_missing"),
+    "training": (*MERR_RESUME_ARGUMENTS["training"], "beta", "loss_type", "loss_weights", "label_smoothing",
+                 "max_length", "truncation_mode", "ld_alpha", "use_weighting", "f_divergence_type"),
+}  # fmt: skip
 
 
 @dataclass
@@ -207,7 +215,7 @@ def _tune(config: DPORunConfig, output_dir: Path) -> list[dict[str, float]]:
         base_model=base_model_identity(model_path),
     )  # fmt: skip
     if resume and (output_dir / RUN_CONFIG).is_file():
-        check_resume_agrees(RunConfig.read(output_dir), run_config, output_dir / RUN_CONFIG)
+        check_resume_agrees(RunConfig.read(output_dir), run_config, output_dir / RUN_CONFIG, RESUME_ARGUMENTS)
     if args.should_save:
         if resume:
             set_aside_damaged(output_dir, resume)
