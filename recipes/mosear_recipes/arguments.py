@@ -123,7 +123,11 @@ class DataArguments:
         metadata={"help": "coarse (MERR_coarse_grained, tasks emotion + reason) or fine (MERR_fine_grained, "
                   "emotion + reason_v2; start it from the coarse run with --init_from)."},
     )  # fmt: skip
-    tasks: str | None = field(default=None, metadata={"help": "Tasks to train, e.g. emotion. Default: the stage's."})
+    tasks: str | None = field(
+        default=None,
+        metadata={"help": "Tasks to train, e.g. emotion; emotion,perceive adds perceive-then-reason answers (from "
+                  "MERR_cues.json, docs/preference.md). Default: the stage's."},
+    )  # fmt: skip
     annotation: str | None = field(
         default=None, metadata={"help": "Annotation file (under data_root). Default: the stage's MERR file."}
     )
@@ -250,13 +254,16 @@ def argument_values(arguments: object) -> dict[str, Any]:
     return {f.name: getattr(arguments, f.name) for f in fields(arguments)}
 
 
-def build_parser(exit_on_error: bool = True, kinds: Sequence[type] = DATACLASSES) -> HfArgumentParser:
-    """The recipe's parser (of the argument dataclasses ``kinds``, merr_finetune.py's by default): its own groups
-    first in ``--help``, then Trainer's; no abbreviated options."""
-    return HfArgumentParser(kinds, description=__doc__.splitlines()[0], allow_abbrev=False, exit_on_error=exit_on_error)
+def build_parser(
+    exit_on_error: bool = True, dataclass_types: Sequence[type] = DATACLASSES, description: str | None = None
+) -> HfArgumentParser:
+    """The recipe's parser (``dataclass_types``: another script's groups): its own groups first in ``--help``, then
+    Trainer's; no abbreviated options."""
+    return HfArgumentParser(dataclass_types, description=description or __doc__.splitlines()[0], allow_abbrev=False,
+                            exit_on_error=exit_on_error)  # fmt: skip
 
 
-def read_config_file(path: Path, kinds: Sequence[type] = DATACLASSES) -> dict[str, Any]:
+def read_config_file(path: Path, dataclass_types: Sequence[type] = DATACLASSES) -> dict[str, Any]:
     """The ``{option: value}`` mapping of a YAML or JSON config file, every key an option of the recipe and every
     value one it accepts (:func:`check_config_values`); errors name the file."""
     if not path.is_file():
@@ -266,28 +273,30 @@ def read_config_file(path: Path, kinds: Sequence[type] = DATACLASSES) -> dict[st
         return {}
     if not isinstance(values, dict):
         raise ValueError(f"Config file {path} must hold a mapping of option: value, got {type(values).__name__}.")
-    known = {f.name for dataclass_type in kinds for f in fields(dataclass_type)}
+    known = {f.name for dataclass_type in dataclass_types for f in fields(dataclass_type)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"Config file {path}: unknown options {unknown} (see the recipe's --help).")
-    return check_config_values(values, path, kinds)
+        raise ValueError(f"Config file {path}: unknown options {unknown} (see the script's --help).")
+    return check_config_values(values, path, dataclass_types)
 
 
-def _takes_list(option: str, kinds: Sequence[type] = DATACLASSES) -> bool:
+def _takes_list(option: str, dataclass_types: Sequence[type] = DATACLASSES) -> bool:
     """Whether the option's field is typed with a list (e.g. Trainer's ``report_to: str | list[str]``); read from the
     annotations, as the parser rewrites the fields' types."""
-    return any("list" in str(get_type_hints(kind).get(option)) for kind in kinds)
+    return any("list" in str(get_type_hints(kind).get(option)) for kind in dataclass_types)
 
 
 def _token(value: Any) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def check_config_values(values: dict[str, Any], path: Path, kinds: Sequence[type] = DATACLASSES) -> dict[str, Any]:
+def check_config_values(
+    values: dict[str, Any], path: Path, dataclass_types: Sequence[type] = DATACLASSES
+) -> dict[str, Any]:
     """The file's values converted as the command line would convert them, each refused (naming the file, the key,
     the value and what the option takes) when the command line would refuse it: a file's values bypass the
     parser's types otherwise. Mappings go as they are to Trainer's dict options, which check them."""
-    probe = build_parser(exit_on_error=False, kinds=kinds)
+    probe = build_parser(exit_on_error=False, dataclass_types=dataclass_types)
     defaults = vars(probe.parse_args([]))
     checked = {}
     for key, value in values.items():
@@ -301,7 +310,7 @@ def check_config_values(values: dict[str, Any], path: Path, kinds: Sequence[type
         try:
             parsed, extra = probe.parse_known_args([f"--{key}", *map(_token, items)])
             parsed = getattr(parsed, key)
-            if isinstance(value, list) and _takes_list(key, kinds) and all(isinstance(v, str) for v in value):
+            if isinstance(value, list) and _takes_list(key, dataclass_types) and all(isinstance(v, str) for v in value):
                 parsed = value  # an option of Trainer's typed ``str | list[str]`` (report_to, ...)
             elif extra or (isinstance(value, list) and not isinstance(parsed, list)) or not items:
                 problem = "the option takes a single value, not a list"
@@ -315,38 +324,46 @@ def check_config_values(values: dict[str, Any], path: Path, kinds: Sequence[type
     return checked
 
 
-def gives_option(argv: Sequence[str], option: str) -> bool:
-    """Whether the command line ``argv`` gives ``option`` (``--x v`` or ``--x=v``)."""
+def _gives(argv: Sequence[str], option: str) -> bool:
     return any(arg == option or arg.startswith(option + "=") for arg in argv)
+
+
+def parse_values(
+    argv: Sequence[str] | None, dataclass_types: Sequence[type], default_config: Path, description: str | None = None
+) -> tuple[dict[str, Any], Path | None]:
+    """``({option: value}, config file)`` of ``[config.yaml|config.json] [--option value ...]`` for the groups
+    ``dataclass_types``: the file's values replace the defaults, the command line's replace the file's; without a
+    file and without ``--model_name_or_path`` the file is ``default_config`` (a script's built-in tiny default)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    config_file = None
+    if argv and Path(argv[0]).suffix in CONFIG_SUFFIXES and not argv[0].startswith("-"):
+        config_file = Path(argv.pop(0))
+    elif not _gives(argv, "--model_name_or_path"):
+        config_file = default_config
+    parser = build_parser(dataclass_types=dataclass_types, description=description)
+    if config_file is not None:
+        parser.set_defaults(**read_config_file(config_file, dataclass_types))
+    namespace, unused = parser.parse_known_args(argv)
+    if unused:
+        raise ValueError(f"Some specified arguments are not used by the HfArgumentParser: {unused}")
+    return vars(namespace), config_file
 
 
 def parse_finetune_args(argv: Sequence[str] | None = None) -> FinetuneConfig:
     """Parse ``[config.yaml|config.json] [--option value ...]``: the file's values replace the defaults, the command
     line's replace the file's. Without a file and without ``--model_name_or_path``, the file is
     ``recipes/configs/tiny.yaml`` (the built-in tiny default)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    config_file = None
-    if argv and Path(argv[0]).suffix in CONFIG_SUFFIXES and not argv[0].startswith("-"):
-        config_file = Path(argv.pop(0))
-    elif not gives_option(argv, "--model_name_or_path"):
-        config_file = TINY_CONFIG
-    parser = build_parser()
-    if config_file is not None:
-        parser.set_defaults(**read_config_file(config_file))
-    namespace, unused = parser.parse_known_args(argv)
-    if unused:
-        raise ValueError(f"Some specified arguments are not used by the HfArgumentParser: {unused}")
-    values = vars(namespace)
-    model, data, schedule = (build_arguments(k, values) for k in (ModelArguments, DataArguments, ScheduleArguments))
+    values, config_file = parse_values(argv, DATACLASSES, TINY_CONFIG)
+    model, data, schedule = (build_group(kind, values) for kind in (ModelArguments, DataArguments, ScheduleArguments))
     # Trainer's arguments are built once, with their final values (building them again would reset accelerate's
     # state): the stage's learning rate unless one is given, and no rotation of Trainer's own, which would run before
     # the newest checkpoint has its manifest (integrity.CheckpointManifests rotates after it).
     rate = values["learning_rate"] if values["learning_rate"] is not None else STAGE_LEARNING_RATES.get(data.stage)
-    training = build_arguments(FinetuneArguments, {**values, "learning_rate": rate, "save_total_limit": None})
+    training = build_group(FinetuneArguments, {**values, "learning_rate": rate, "save_total_limit": None})
     return FinetuneConfig(model, data, schedule, training, config_file, checkpoints_kept=values["save_total_limit"])
 
 
-def build_arguments(kind: type, values: dict[str, Any]):
+def build_group(kind: type, values: dict[str, Any]):
     """A dataclass of the parser built from the parsed ``values`` it has fields for (as HfArgumentParser does)."""
     return kind(**{f.name: values[f.name] for f in fields(kind) if f.init})
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import transformers
@@ -93,15 +93,19 @@ def eval_dataset(config: FinetuneConfig, data_root: Path) -> MERRDataset | None:
     return open_dataset(annotation, data_root, ("emotion",), data.skip_missing, data.labels)
 
 
-def prepare_inputs(config: FinetuneConfig, output_dir: Path) -> tuple[Path, Path]:
-    """``(model folder, data root)``: the given ones, or the tiny setup that rank 0 writes to ``output_dir/tiny``."""
+def prepare_inputs(
+    config: FinetuneConfig, output_dir: Path, num_samples: int = TINY_NUM_SAMPLES
+) -> tuple[Path, Path]:
+    """``(model folder, data root)``: the given ones, or the tiny setup (``num_samples`` synthetic samples) that rank
+    0 writes to ``output_dir/tiny``. Also takes the DPO recipe's configuration (the same model, data and training
+    groups' fields)."""
     if not config.data.tiny_setup:
         return Path(config.model.model_name_or_path), Path(config.data.data_root)
     args = config.training
     tiny = output_dir / TINY_DIR
     with args.main_process_first(local=False, desc="writing the tiny setup"):
         if args.process_index == 0:
-            write_tiny_setup(tiny, num_samples=TINY_NUM_SAMPLES, seed=args.seed)
+            write_tiny_setup(tiny, num_samples=num_samples, seed=args.seed)
     return tiny / "model", tiny / "data"
 
 
@@ -219,12 +223,17 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     return result
 
 
-def cli(argv: Sequence[str] | None = None) -> None:
-    """The entry point of ``recipes/merr_finetune.py``: :func:`main`, a refused input (a ``ValueError`` or
-    ``OSError`` naming what is wrong) ending the process with exit status 2 and its message, without a traceback."""
+def exit_on_refusal(run: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None, script: str) -> None:
+    """A script's entry point: ``run(argv)``, a refused input (a ``ValueError`` or ``OSError`` naming what is
+    wrong) ending the process with exit status 2 and ``script: error: <message>``, without a traceback."""
     try:
-        main(argv)
+        run(argv)
     except (OSError, ValueError) as error:
         logger.debug("refused", exc_info=error)
-        print(f"merr_finetune.py: error: {error}", file=sys.stderr)
+        print(f"{script}: error: {error}", file=sys.stderr)
         sys.exit(2)
+
+
+def cli(argv: Sequence[str] | None = None) -> None:
+    """The entry point of ``recipes/merr_finetune.py``: :func:`main` under :func:`exit_on_refusal`."""
+    exit_on_refusal(main, argv, "merr_finetune.py")

@@ -118,7 +118,7 @@ def check_resume_agrees(
                    if getattr(stored, name) != getattr(new, name)]  # fmt: skip
     for group, keys in resume_arguments.items():
         for key in keys:
-            before, now = stored.arguments.get(group, {}).get(key), new.arguments[group].get(key)
+            before, now = stored.arguments.get(group, {}).get(key), new.arguments.get(group, {}).get(key)
             if before != now:
                 differences.append((f"--{key}", before, now))
     if differences:

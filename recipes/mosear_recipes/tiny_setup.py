@@ -12,6 +12,7 @@ import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .emotion_llama.tiny import write_tiny_model
 from .merr.synthetic import SyntheticMERR, synthetic_corpus, write_synthetic_merr
@@ -23,10 +24,12 @@ class TinySetup:
     model_dir: Path
 
 
-def write_tiny_setup(out_dir: str | Path, num_samples: int = 300, seed: int = 0) -> TinySetup:
-    """Write the synthetic dataset to ``out_dir/data`` and the tiny model to ``out_dir/model``."""
+def write_tiny_setup(out_dir: str | Path, num_samples: int = 300, seed: int = 0, **synthetic: Any) -> TinySetup:
+    """Write the synthetic dataset to ``out_dir/data`` (``synthetic``: more options of
+    :func:`~mosear_recipes.merr.synthetic.write_synthetic_merr`, e.g. a conflict set's) and the tiny model to
+    ``out_dir/model``."""
     out_dir = Path(out_dir)
-    data = write_synthetic_merr(out_dir / "data", num_samples=num_samples, seed=seed)
+    data = write_synthetic_merr(out_dir / "data", num_samples=num_samples, seed=seed, **synthetic)
     model_dir = write_tiny_model(out_dir / "model", synthetic_corpus(), seed=seed)
     return TinySetup(data=data, model_dir=model_dir)
 

@@ -76,10 +76,29 @@ class LossCurveCallback(TrainerCallback):
             plot_loss_curve(state.log_history, Path(args.output_dir) / LOSS_CURVE)
 
 
-class MoSETrainer(Trainer):
-    """``Trainer`` with one-task batches (``batch_sampler``; ``None``: Trainer's own), no weight decay on 1-D parameters, the warm-up + per-epoch cosine of
-    ``schedule`` (unless it asks for Trainer's own), checkpoints holding only what trains, and a loss curve; it stops
-    on non-finite values (:class:`~mosear_recipes.guards.NonFiniteGuard`) and gives every checkpoint a manifest,
+class TrainedPartsCheckpoints:
+    """Trainer methods that save and resume only what trains (``adapter/`` + ``projectors.safetensors``): mixed into
+    :class:`MoSETrainer` and the DPO recipe's trainer (``mosear_recipes.preference.dpo``)."""
+
+    # The checkpoint format: only what trains, adapter/ + projectors.safetensors. Trainer writes the whole state dict
+    # of a model that is not a PreTrainedModel or PeftModel (here the frozen LLM too), so saving goes through its
+    # public save_model, and resuming through the one private override left: Trainer.train(resume_from_checkpoint=...)
+    # always calls _load_from_checkpoint (without DeepSpeed, which resumes from its engine checkpoint), whose own version
+    # reads full-model weight files or a bare PeftModel's adapter, and no public hook replaces it. The checkpoint was
+    # verified against its manifest before train() (integrity.resolve_resume). Checked on transformers 5.4-5.24
+    # (tests/test_compat.py checks its signature).
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Save the adapter and the projectors (under ZeRO-3 every process must call this)."""
+        save_trained(self.model, Path(output_dir or self.args.output_dir), self.args.should_save)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        load_trained_weights(model if model is not None else self.model, Path(resume_from_checkpoint))
+
+
+class MoSETrainer(TrainedPartsCheckpoints, Trainer):
+    """``Trainer`` with one-task batches (``batch_sampler``; ``None``: Trainer's own), no weight decay on 1-D
+    parameters, the warm-up + per-epoch cosine of ``schedule`` (unless it asks for Trainer's own), checkpoints
+    holding only what trains, and a loss curve; it stops on non-finite values (:class:`~mosear_recipes.guards.NonFiniteGuard`) and gives every checkpoint a manifest,
     rotating them after it (:class:`~mosear_recipes.integrity.CheckpointManifests`, keeping ``checkpoints_kept``:
     Trainer's own ``save_total_limit`` must be off)."""
 
@@ -151,17 +170,3 @@ class MoSETrainer(Trainer):
 
             self.lr_scheduler = LambdaLR(optimizer if optimizer is not None else self.optimizer, factor)
         return self.lr_scheduler
-
-    # The checkpoint format: only what trains, adapter/ + projectors.safetensors. Trainer writes the whole state dict
-    # of a model that is not a PreTrainedModel or PeftModel (here the frozen LLM too), so saving goes through its
-    # public save_model, and resuming through the one private override left: Trainer.train(resume_from_checkpoint=...)
-    # always calls _load_from_checkpoint (without DeepSpeed, which resumes from its engine checkpoint), whose own version
-    # reads full-model weight files or a bare PeftModel's adapter, and no public hook replaces it. The checkpoint was
-    # verified against its manifest before train() (integrity.resolve_resume). Checked on transformers 5.4-5.24
-    # (tests/test_compat.py checks its signature).
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Save the adapter and the projectors (under ZeRO-3 every process must call this)."""
-        save_trained(self.model, Path(output_dir or self.args.output_dir), self.args.should_save)
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        load_trained_weights(model if model is not None else self.model, Path(resume_from_checkpoint))

@@ -26,11 +26,16 @@ from .readers import (
     read_feature,
     read_subtitles,
 )
+from .perceive import CUES_FILE, Cues, perceive_then_reason, read_cues
 from .tasks import CAPTION_FIELDS, TASKS, normalize_answer, parse_tasks
 
 SUBTITLE_FILE = "transcription_en_all.csv"
-CAPTION_FILES = {"coarse_json": "MERR_coarse_grained.json", "fine_json": "MERR_fine_grained.json"}
-"""MERR's subtitle and caption files, under its data root."""
+CAPTION_FILES = {
+    "coarse_json": "MERR_coarse_grained.json",
+    "fine_json": "MERR_fine_grained.json",
+    "cues_json": CUES_FILE,
+}
+"""MERR's subtitle and caption files (and the cue file of the task ``perceive``), under its data root."""
 CHECK_THREADS = min(8, os.cpu_count() or 1)  # feature files read at once while the dataset is checked
 SampleKey = tuple[int, str, int]
 """``(sample index, task name, instruction draw)``; the draw picks the instruction (modulo the pool size)."""
@@ -83,6 +88,7 @@ class MERRDataset(Dataset):
         tasks: Sequence[str] | str = ("emotion",),
         coarse_json: str | Path | None = None,
         fine_json: str | Path | None = None,
+        cues_json: str | Path | None = None,
         feature_root: str | Path | None = None,
         spec: FeatureSpec | None = None,
         subtitle_column: str | None = None,
@@ -95,6 +101,7 @@ class MERRDataset(Dataset):
         self.spec = spec if spec is not None else FeatureSpec.from_dir(self.feature_root)
         self.labels = tuple(labels)
         self._captions = self._load_captions({"coarse": coarse_json, "fine": fine_json})
+        self._cues = self._load_cues(cues_json)
         self._subtitle_file = Path(subtitle_file)
         subtitles = read_subtitles(subtitle_file, subtitle_column)
         self.records: list[MERRRecord] = []
@@ -119,11 +126,19 @@ class MERRDataset(Dataset):
         captions = {}
         for task in self.tasks:
             source = TASKS[task].answer_source
-            if source in files and source not in captions:
+            if source in files and source not in captions:  # "cues": _load_cues
                 if files[source] is None:
                     raise ValueError(f"Task {task!r} needs the {source}-grained caption JSON ({source}_json).")
                 captions[source] = (Path(files[source]), read_captions(files[source], CAPTION_FIELDS[source]))
         return captions
+
+    def _load_cues(self, cues_json: str | Path | None) -> tuple[Path, dict[str, Cues]] | None:
+        """The cue file when a task answers from it (``perceive``), else ``None``."""
+        if not any(TASKS[t].answer_source == "cues" for t in self.tasks):
+            return None
+        if cues_json is None:
+            raise ValueError(f"The task 'perceive' needs the cue file ({CUES_FILE}, cues_json).")
+        return Path(cues_json), read_cues(cues_json, self.labels)
 
     def _checked_record(self, annotation: Annotation, subtitles: dict[str, str]) -> MERRRecord | SampleError:
         """The sample's record, or the problem that makes it unusable."""
@@ -142,6 +157,15 @@ class MERRDataset(Dataset):
             source = TASKS[task].answer_source
             if source == "label":
                 answers[task] = normalize_answer(label)
+                continue
+            if source == "cues":
+                path, cues = self._cues
+                if name not in cues:
+                    raise SampleError(name, path, "missing cues", f"no entry for task {task!r}")
+                try:
+                    answers[task] = normalize_answer(perceive_then_reason(cues[name], label, cues[name].carrier(label)))
+                except ValueError as error:
+                    raise SampleError(name, path, "bad cues", str(error)) from error
                 continue
             path, captions = self._captions[source]
             if name not in captions:

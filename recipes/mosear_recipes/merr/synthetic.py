@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import numpy as np
 from mosear_recipes.emotion_llama.features import FeatureSpec
 from mosear_recipes.emotion_llama.prompt import HEAD, MIDDLE, prompt_tail
 
+from .perceive import CUES_FILE, Cues
 from .readers import EMOTION_LABELS
 from .tasks import TASKS
 
@@ -48,7 +50,9 @@ FILES = {
     "fine_json": "MERR_fine_grained.json",
     "subtitles": "transcription_en_all.csv",
     "subsets": "synthetic_subsets.csv",
+    "cues_json": CUES_FILE,
 }
+NOISE = 0.25  # the default noise sd of every feature kind
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,7 @@ class SyntheticMERR:
     fine_json: Path
     subtitles: Path
     subsets: Path
+    cues_json: Path
     spec: FeatureSpec
 
 
@@ -93,15 +98,29 @@ def fine_caption(subset: str, visual_label: str, audio_label: str, label: str) -
     )
 
 
-def plan_samples(num_samples: int, seed: int = 0, test_fraction: float = 0.2) -> list[SyntheticSample]:
-    """Labels, subsets (cycling through the three) and splits of ``num_samples`` samples."""
+def plan_samples(
+    num_samples: int, seed: int = 0, test_fraction: float = 0.2, train_subsets: Mapping[str, float] | None = None
+) -> list[SyntheticSample]:
+    """Labels, subsets and splits of ``num_samples`` samples. Subsets cycle through the three, except for training
+    samples when ``train_subsets`` gives their shares (``{subset: weight}``, drawn with ``seed``): a conflict set
+    whose training mix differs from its balanced test split."""
     if num_samples < 3:
         raise ValueError(f"num_samples must be >= 3 (one per subset), got {num_samples}.")
     rng = np.random.default_rng(seed)
     n_test = int(round(num_samples * test_fraction))
+    draws = None
+    if train_subsets is not None:
+        unknown = sorted(set(train_subsets) - set(SUBSETS))
+        weights = np.array([float(train_subsets.get(s, 0.0)) for s in SUBSETS])
+        if unknown or (weights < 0).any() or weights.sum() <= 0:
+            raise ValueError(f"train_subsets must give non-negative weights of {SUBSETS} (not all 0), got "
+                             f"{dict(train_subsets)}.")  # fmt: skip
+        draws = np.random.default_rng([seed, 1]).choice(len(SUBSETS), size=num_samples, p=weights / weights.sum())
     samples = []
     for i in range(num_samples):
         subset = SUBSETS[i % len(SUBSETS)]
+        if draws is not None and i < num_samples - n_test:
+            subset = SUBSETS[int(draws[i])]
         label = str(rng.choice(LABELS))
         other = str(rng.choice([x for x in LABELS if x != label]))
         visual, audio = {"video_aligned": (label, other), "audio_aligned": (other, label)}.get(subset, (label, label))
@@ -117,7 +136,9 @@ def _prototypes(rng: np.random.Generator, dim: int) -> dict[str, np.ndarray]:
     return {label: 2.0 * basis[:, i] for i, label in enumerate(LABELS)}
 
 
-def _write_features(root: Path, samples: list[SyntheticSample], spec: FeatureSpec, rng: np.random.Generator) -> None:
+def _write_features(
+    root: Path, samples: list[SyntheticSample], spec: FeatureSpec, rng: np.random.Generator, noise: Mapping[str, float]
+) -> None:
     kinds = {  # kind -> (prototypes, which label, rows or None for one utterance vector, dtype)
         "eva": (_prototypes(rng, spec.eva_dim), "visual_label", spec.eva_patches + 1, np.float16),
         "face": (_prototypes(rng, spec.feature_dim), "visual_label", None, np.float32),
@@ -130,7 +151,8 @@ def _write_features(root: Path, samples: list[SyntheticSample], spec: FeatureSpe
         for sample in samples:
             mean = prototypes[getattr(sample, which)]
             shape = (rows, mean.size) if rows else (mean.size,)
-            np.save(folder / f"{sample.name}.npy", (mean + 0.25 * rng.standard_normal(shape)).astype(dtype))
+            sd = noise.get(kind, NOISE)
+            np.save(folder / f"{sample.name}.npy", (mean + sd * rng.standard_normal(shape)).astype(dtype))
 
 
 def write_synthetic_merr(
@@ -139,13 +161,21 @@ def write_synthetic_merr(
     seed: int = 0,
     test_fraction: float = 0.2,
     spec: FeatureSpec | None = None,
+    train_subsets: Mapping[str, float] | None = None,
+    noise: Mapping[str, float] | None = None,
 ) -> SyntheticMERR:
-    """Write the dataset to ``root`` (created if needed; tiny feature dimensions by default) and return its paths."""
+    """Write the dataset to ``root`` (created if needed; tiny feature dimensions by default) and return its paths.
+    ``train_subsets``: the training split's subset shares (:func:`plan_samples`); ``noise``: the noise sd per
+    feature kind (``eva``, ``face``, ``video``, ``audio``; :data:`NOISE` for those not given)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     spec = spec if spec is not None else FeatureSpec.tiny()
+    noise = dict(noise or {})
+    unknown = sorted(set(noise) - set(spec.folders))
+    if unknown or any(v < 0 for v in noise.values()):
+        raise ValueError(f"noise must give sd >= 0 for feature kinds of {sorted(spec.folders)}, got {noise}.")
     rng = np.random.default_rng(seed)
-    samples = plan_samples(num_samples, seed, test_fraction)
+    samples = plan_samples(num_samples, seed, test_fraction, train_subsets)
     paths = SyntheticMERR(root=root, spec=spec, **{key: root / name for key, name in FILES.items()})
     train = [s for s in samples if s.split == "train"]
     frames = rng.integers(30, 150, size=num_samples)
@@ -167,9 +197,16 @@ def write_synthetic_merr(
         writer = csv.DictWriter(handle, fieldnames=[f.name for f in fields(SyntheticSample)])
         writer.writeheader()
         writer.writerows(asdict(s) for s in samples)
-    _write_features(root, samples, spec, rng)
+    paths.cues_json.write_text(json.dumps({s.name: asdict(synthetic_cues(s)) for s in samples}))
+    _write_features(root, samples, spec, rng, noise)
     spec.save(root)
     return paths
+
+
+def synthetic_cues(sample: SyntheticSample) -> Cues:
+    """The cues of a synthetic sample: each modality's cue word for its label (:data:`VISUAL_CUES`,
+    :data:`AUDIO_CUES`)."""
+    return Cues(VISUAL_CUES[sample.visual_label], sample.visual_label, AUDIO_CUES[sample.audio_label], sample.audio_label)
 
 
 def read_synthetic_subsets(path: str | Path) -> list[SyntheticSample]:
@@ -181,7 +218,9 @@ def read_synthetic_subsets(path: str | Path) -> list[SyntheticSample]:
 def synthetic_corpus() -> list[str]:
     """Every text the synthetic dataset's prompts and answers can contain (the tiny tokenizer's vocabulary)."""
     texts = [HEAD, MIDDLE, *EMOTION_LABELS]
-    for task in TASKS.values():
+    # The task "perceive" adds nothing: its answers use the captions' words, and its name left out (a word-level
+    # "<unk>" in its prompt) keeps this vocabulary, and so the tiny model and every result on it, as they were.
+    for task in (t for t in TASKS.values() if t.answer_source != "cues"):
         for instruction in task.instructions:
             texts.extend(prompt_tail(subtitle, task.name, instruction) for subtitle in SUBTITLES)
     for subset in SUBSETS:

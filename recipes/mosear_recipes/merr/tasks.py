@@ -24,7 +24,8 @@ REASON_INSTRUCTIONS = (
 
 @dataclass(frozen=True)
 class Task:
-    """A task: its instruction pool and where its answer comes from (``"label"``, ``"coarse"`` or ``"fine"``)."""
+    """A task: its instruction pool and where its answer comes from (``"label"``, ``"coarse"``, ``"fine"`` or
+    ``"cues"``)."""
 
     name: str
     instructions: tuple[str, ...]
@@ -35,6 +36,8 @@ TASKS = {
     "emotion": Task("emotion", EMOTION_INSTRUCTIONS, "label"),
     "reason": Task("reason", REASON_INSTRUCTIONS, "coarse"),
     "reason_v2": Task("reason_v2", REASON_INSTRUCTIONS, "fine"),
+    # perceive-then-reason answers built from the cue file (merr/perceive.py); the instruction that asks for cues
+    "perceive": Task("perceive", REASON_INSTRUCTIONS[2:3], "cues"),
 }
 CAPTION_FIELDS = {"coarse": "caption", "fine": "smp_reason_caption"}
 

@@ -4,7 +4,6 @@ recipe's machinery (:mod:`mosear_recipes.arguments`)."""
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,16 +13,7 @@ from transformers import TrainingArguments
 
 from peft_mose.metrics import LABEL_PARSERS, resolve_labels
 
-from ..arguments import (
-    CONFIG_DIR,
-    CONFIG_SUFFIXES,
-    MoSEArguments,
-    argument_values,
-    build_arguments,
-    build_parser,
-    gives_option,
-    read_config_file,
-)
+from ..arguments import CONFIG_DIR, MoSEArguments, argument_values, build_group, parse_values
 from ..distributed import share_cpu_deepspeed_state
 from ..quantization import QUANTIZATIONS
 
@@ -135,21 +125,9 @@ class OmniConfig:
 def parse_omni_args(argv: Sequence[str] | None = None) -> OmniConfig:
     """Parse ``[config.yaml|config.json] [--option value ...]``; without a file and without
     ``--model_name_or_path``, the file is ``recipes/configs/omni_tiny.yaml`` (the built-in tiny default)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    config_file = None
-    if argv and Path(argv[0]).suffix in CONFIG_SUFFIXES and not argv[0].startswith("-"):
-        config_file = Path(argv.pop(0))
-    elif not gives_option(argv, "--model_name_or_path"):
-        config_file = TINY_CONFIG
-    parser = build_parser(kinds=KINDS)
-    if config_file is not None:
-        parser.set_defaults(**read_config_file(config_file, KINDS))
-    namespace, unused = parser.parse_known_args(argv)
-    if unused:
-        raise ValueError(f"Some specified arguments are not used by the HfArgumentParser: {unused}")
-    values = vars(namespace)
-    model, data = build_arguments(OmniModelArguments, values), build_arguments(OmniDataArguments, values)
-    training = build_arguments(OmniTrainingArguments, {**values, "save_total_limit": None})
+    values, config_file = parse_values(argv, KINDS, TINY_CONFIG, description=__doc__.splitlines()[0])
+    model, data = build_group(OmniModelArguments, values), build_group(OmniDataArguments, values)
+    training = build_group(OmniTrainingArguments, {**values, "save_total_limit": None})
     return OmniConfig(model, data, training, config_file, checkpoints_kept=values["save_total_limit"])
 
 
