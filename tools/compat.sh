@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Run the whole test suite against each transformers release given (default: the oldest supported, 5.4.0, and the
-# newest tested, 5.24.0), each in its own virtual environment .compat/venv-<release> (reused when present):
+# Run the whole test suite against each transformers release given (default: the oldest supported, 5.24.0, and the
+# newest tested, 5.25.0), each in its own virtual environment .compat/venv-<release> (reused when present):
 #
-#     tools/compat.sh                  # 5.4.0 and 5.24.0
+#     tools/compat.sh                  # 5.24.0 and 5.25.0
 #     tools/compat.sh 5.10.0 5.24.0    # any releases
 #
 # Every other package is pinned by constraints.txt, except the pins that the release's own requirements exclude
@@ -13,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 releases=("$@")
-[ ${#releases[@]} -gt 0 ] || releases=(5.4.0 5.24.0)
+[ ${#releases[@]} -gt 0 ] || releases=(5.24.0 5.25.0)
 mkdir -p .compat
 # DeepSpeed's CPU ops are compiled once (about a minute) and shared by every release's run.
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.compat/torch_extensions}"
