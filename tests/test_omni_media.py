@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import types
 
-import av
 import numpy as np
 import pytest
 import soundfile
@@ -16,7 +15,7 @@ from mosear_recipes.omni.inputs import MediaInput, OmniEncoder, collate
 from mosear_recipes.omni.layout import audio_token_count, video_patches, video_placeholders
 from mosear_recipes.omni.manifest import read_manifest
 from mosear_recipes.omni.media import MediaError, read_audio, read_frames, sample_times
-from mosear_recipes.omni.tiny import build_tiny_tokenizer, tiny_thinker_config, write_tiny_model
+from mosear_recipes.omni.tiny import build_tiny_tokenizer, write_tiny_model
 from transformers import Qwen2_5OmniProcessor
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 

@@ -4,7 +4,6 @@ config files and inputs that would run silently wrong or crash are refused namin
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -12,14 +11,13 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from recipe_helpers import run_args
 from mosear_recipes import evaluate_cli, finetune
 from mosear_recipes.arguments import read_config_file
 from mosear_recipes.emotion_llama.model import load_tokenizer
 from mosear_recipes.emotion_llama.prompt import PromptEncoder
-from mosear_recipes.integrity import MANIFEST, write_manifest
+from mosear_recipes.integrity import MANIFEST
 from mosear_recipes.merr.collator import MERRCollator
 from mosear_recipes.run import adapter_mismatch, load_trained
 from mosear_recipes.run_config import target_modules_option
