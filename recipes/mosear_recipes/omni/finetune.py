@@ -5,7 +5,6 @@ guards, checkpoint manifests, resume and loss curve; optionally scored on an eva
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -19,6 +18,7 @@ from peft_mose.metrics import resolve_labels
 
 from ..arguments import ScheduleArguments
 from ..distributed import end_process_group
+from ..finetune import exit_on_refusal
 from ..guards import train as guarded_train
 from ..integrity import resolve_resume
 from ..logs import setup_logging
@@ -160,11 +160,6 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
 
 
 def cli(argv: Sequence[str] | None = None) -> None:
-    """``recipes/omni_finetune.py``: :func:`main`; a refused input (``ValueError``/``OSError``, bad media included)
-    ends the process with exit status 2 and its message, without a traceback."""
-    try:
-        main(argv)
-    except (OSError, ValueError) as error:
-        logger.debug("refused", exc_info=error)
-        print(f"omni_finetune.py: error: {error}", file=sys.stderr)
-        sys.exit(2)
+    """``recipes/omni_finetune.py``: :func:`main` under :func:`~mosear_recipes.finetune.exit_on_refusal` (bad media
+    included: exit status 2 and the message, no traceback)."""
+    exit_on_refusal(main, argv, "omni_finetune.py")
