@@ -179,3 +179,10 @@ def test_teacher_forcing_and_generation_route_with_the_same_lambda(run):
     assert trained.keys() == generated.keys() and len(trained) == 4
     for layer in trained:
         torch.testing.assert_close(trained[layer], generated[layer])
+
+
+def test_a_missing_model_folder_is_named_before_anything_is_written(tmp_path):
+    with pytest.raises(ValueError, match=r"--model_name_or_path /nonexistent/omni: no such folder"):
+        finetune_main(["--model_name_or_path", "/nonexistent/omni", "--train_manifest", str(tmp_path / "m.csv"),
+                       "--output_dir", str(tmp_path / "run")])  # fmt: skip
+    assert not (tmp_path / "run").exists()

@@ -139,6 +139,10 @@ def check_omni_args(config: OmniConfig) -> None:
                          "--train_manifest, not both.")  # fmt: skip
     if not data.tiny_setup and not (model.model_name_or_path and data.train_manifest):
         raise ValueError("Give --model_name_or_path and --train_manifest together (or --tiny_setup true).")
+    path = model.model_name_or_path
+    if path and path.startswith(("/", ".", "~")) and not Path(path).expanduser().exists():
+        raise ValueError(f"--model_name_or_path {path}: no such folder (a local Qwen2.5-Omni folder, or a hub id such "
+                         "as Qwen/Qwen2.5-Omni-7B).")  # fmt: skip
     if model.quantization not in QUANTIZATIONS:
         raise ValueError(f"--quantization must be one of {list(QUANTIZATIONS)}, got {model.quantization!r}.")
     if data.eval_parser not in LABEL_PARSERS:
