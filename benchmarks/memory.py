@@ -1,18 +1,21 @@
 """Peak memory of one stage-1 training step at LLaMA-2-7B's shape: bf16 or 4-bit NF4 base, LoRA or MoSE (r=64, N=2,
-q_proj/v_proj), with and without gradient checkpointing.
+q_proj/v_proj), with and without gradient checkpointing, with AdamW's moments in fp32 or in 8 bits.
 
-    python benchmarks/memory.py [--quick] [--json PATH] [--device cpu|cuda]
+    python benchmarks/memory.py [--quick] [--json PATH] [--device cpu|cuda] [--optim adamw_torch adamw_bnb_8bit]
 
 On CPU: weights, gradients and AdamW's two moments are computed exactly by building the model on the meta device and
-counting (4-bit weights from bitsandbytes' NF4 layout with double quantization); activations (the bytes autograd
-saves, distinct storages) are measured on real tensors for models of 1 and 2 decoder layers at the real width and
-vocabulary and scaled to 32 layers (per layer = the difference, the rest = embedding, head and loss). The peak is
-their sum, an upper bound (all of them held at once). On CUDA: ``torch.cuda.max_memory_allocated`` over a real step.
+counting (4-bit weights from bitsandbytes' NF4 layout with double quantization; 8-bit moments from its blockwise
+optimizer state); activations (the bytes autograd saves, distinct storages) are measured on real tensors for models
+of 1 and 2 decoder layers at the real width and vocabulary and scaled to 32 layers (per layer = the difference, the
+rest = embedding, head and loss). The peak is their sum, an upper bound (all of them held at once). On CUDA:
+``torch.cuda.max_memory_allocated`` over a real step (each base built once; every configuration's adapter is
+unloaded after its step).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,6 +35,10 @@ SEQ_LEN, BATCH = 320, 1
 RANK, N_EXPERTS, TARGETS = 64, 2, ["q_proj", "v_proj"]
 QUANTIZED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 NF4_BLOCK, ABSMAX_BLOCK = 64, 256  # bitsandbytes: 64 weights per absmax; double quant: 256 absmax per fp32 scale
+# Trainer's `optim` names: torch's AdamW (fp32 moments), bitsandbytes' 8-bit AdamW (uint8 moments, one fp32 absmax per
+# 256 values and one 256-entry fp32 code per moment, shared; tensors under 4096 values keep fp32 moments)
+OPTIMIZERS = ("adamw_torch", "adamw_bnb_8bit")
+OPTIM_BLOCK, MIN_8BIT_SIZE, QMAP_BYTES = 256, 4096, 2 * 256 * 4
 
 
 @dataclass
@@ -41,6 +48,7 @@ class Row:
     base: str
     adapter: str
     checkpointing: bool
+    optimizer: str
     trainable_params: int
     weight_bytes: int
     gradient_bytes: int
@@ -58,6 +66,24 @@ def nf4_bytes(numel: int, double_quant: bool = True) -> int:
     return -(-numel // 2) + blocks + 4 * -(-blocks // ABSMAX_BLOCK) + 4 * 256 + 4
 
 
+def optimizer_bytes(numels: list[int], optimizer: str) -> int:
+    """Bytes of AdamW's two moments for trainable tensors of ``numels`` values each, under Trainer's ``optimizer``."""
+    if optimizer == "adamw_torch":
+        return sum(8 * n for n in numels)
+    small = [n for n in numels if n < MIN_8BIT_SIZE]
+    large = [n for n in numels if n >= MIN_8BIT_SIZE]
+    return sum(8 * n for n in small) + sum(2 * (n + 4 * -(-n // OPTIM_BLOCK)) for n in large) + QMAP_BYTES * bool(large)
+
+
+def make_optimizer(params: list[torch.nn.Parameter], optimizer: str) -> torch.optim.Optimizer:
+    """What Trainer builds for ``--optim optimizer`` (its default hyperparameters do not change the bytes)."""
+    if optimizer == "adamw_torch":
+        return torch.optim.AdamW(params, lr=1e-5)
+    import bitsandbytes as bnb
+
+    return bnb.optim.AdamW(params, lr=1e-5, optim_bits=8)
+
+
 def adapted(model: torch.nn.Module, adapter: str) -> torch.nn.Module:
     """``model`` with LoRA or MoSE at the paper's rank on q_proj/v_proj (fp32 adapter weights, PEFT's default)."""
     if adapter == "lora":
@@ -65,21 +91,23 @@ def adapted(model: torch.nn.Module, adapter: str) -> torch.nn.Module:
     return get_peft_model(model, MoSEConfig(r=RANK, n_experts=N_EXPERTS, lora_dropout=0.05, target_modules=TARGETS))
 
 
-def counted_bytes(shape: dict, base: str, adapter: str) -> dict[str, int]:
+def counted_bytes(shape: dict, base: str, adapter: str, optimizer: str = "adamw_torch") -> dict[str, int]:
     """Weights (frozen bf16 or NF4, trainable fp32), gradients and AdamW moments, counted on the meta device."""
     with torch.device("meta"):
         model = adapted(LlamaForCausalLM(LlamaConfig(**shape, dtype=torch.bfloat16)).to(torch.bfloat16), adapter)
     weights = trainable = trainable_bytes = 0
+    numels = []
     for name, param in model.named_parameters():
         if param.requires_grad:
             trainable += param.numel()
             trainable_bytes += param.numel() * param.element_size()
+            numels.append(param.numel())
         elif base == "nf4" and _quantized(name):
             weights += nf4_bytes(param.numel())
         else:
             weights += param.numel() * param.element_size()
     return {"trainable_params": trainable, "weight_bytes": weights + trainable_bytes,
-            "gradient_bytes": trainable_bytes, "optimizer_bytes": 2 * trainable_bytes}
+            "gradient_bytes": trainable_bytes, "optimizer_bytes": optimizer_bytes(numels, optimizer)}
 
 
 def _quantized(name: str) -> bool:
@@ -155,49 +183,66 @@ def estimated_activations(shape: dict, base: str, adapter: str) -> dict[bool, in
     return out
 
 
-def cuda_peak(shape: dict, base: str, adapter: str, checkpointing: bool) -> int:
-    """``torch.cuda.max_memory_allocated`` over one AdamW train step of the whole model."""
-    model = adapted(build(shape, shape["num_hidden_layers"], base, "cuda"), adapter).train()
+def train_step(base_model: torch.nn.Module, adapter: str, checkpointing: bool, optimizer: str,
+               inputs: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """One AdamW step of ``base_model`` with ``adapter``; returns the base model, the adapter unloaded (as built), so
+    that the next configuration reuses it (building a 7B base takes longer than its step)."""
+    model = adapted(base_model, adapter).train()
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    inputs = step_inputs(shape, "cuda")
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    step = make_optimizer([p for p in model.parameters() if p.requires_grad], optimizer)
     model(**inputs).loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    step.step()
+    step.zero_grad(set_to_none=True)
+    if checkpointing:
+        model.gradient_checkpointing_disable()
+    del step
+    return model.unload().eval()
+
+
+def cuda_peak(base_model: torch.nn.Module, shape: dict, adapter: str, checkpointing: bool, optimizer: str) -> int:
+    """``torch.cuda.max_memory_allocated`` over one AdamW train step of the whole model."""
+    inputs = step_inputs(shape, "cuda")
+    gc.collect()  # the last configuration's adapter, gradients and optimizer state, held in reference cycles
     torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated()
-    del model, optimizer
     torch.cuda.empty_cache()
-    return peak
+    torch.cuda.reset_peak_memory_stats()
+    train_step(base_model, adapter, checkpointing, optimizer, inputs)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated()
 
 
-def table(shape: dict, device: str) -> list[Row]:
+def table(shape: dict, device: str, optimizers: tuple[str, ...] = ("adamw_torch",)) -> list[Row]:
     rows = []
     for base in ("bf16", "nf4"):
+        base_model = build(shape, shape["num_hidden_layers"], base, "cuda") if device == "cuda" else None
         for adapter in ("lora", "mose"):
-            counted = counted_bytes(shape, base, adapter)
-            fixed = counted["weight_bytes"] + counted["gradient_bytes"] + counted["optimizer_bytes"]
             activations = estimated_activations(shape, base, adapter) if device == "cpu" else None
-            for checkpointing in (False, True):
-                if device == "cpu":
-                    saved, peak = activations[checkpointing], fixed + activations[checkpointing]
-                else:
-                    peak = cuda_peak(shape, base, adapter, checkpointing)
-                    saved = peak - fixed
-                rows.append(Row(base, adapter, checkpointing, activation_bytes=saved, peak_bytes=peak, **counted))
+            for optimizer in optimizers:
+                counted = counted_bytes(shape, base, adapter, optimizer)
+                fixed = counted["weight_bytes"] + counted["gradient_bytes"] + counted["optimizer_bytes"]
+                for checkpointing in (False, True):
+                    if device == "cpu":
+                        saved, peak = activations[checkpointing], fixed + activations[checkpointing]
+                    else:
+                        peak = cuda_peak(base_model, shape, adapter, checkpointing, optimizer)
+                        saved = peak - fixed
+                    rows.append(Row(base, adapter, checkpointing, optimizer, activation_bytes=saved, peak_bytes=peak,
+                                    **counted))
+                    print(f"measured {rows[-1]}" if device == "cuda" else f"estimated {rows[-1]}", flush=True)
+        del base_model
     return rows
 
 
 def report(rows: list[Row]) -> str:
     gib = 2**30
-    lines = [f"{'base':5} {'adapter':7} {'ckpt':5} {'trainable':>10} {'weights':>8} {'grads':>7} {'adamw':>7} "
-             f"{'activ.':>7} {'peak GiB':>8} {'vs LoRA':>7}"]
+    lines = [f"{'base':5} {'adapter':7} {'ckpt':5} {'optim':14} {'trainable':>10} {'weights':>8} {'grads':>7} "
+             f"{'adamw':>7} {'activ.':>7} {'peak GiB':>8} {'vs LoRA':>7}"]
     for row in rows:
-        lora = next(r for r in rows if (r.base, r.checkpointing, r.adapter) == (row.base, row.checkpointing, "lora"))
-        lines.append(f"{row.base:5} {row.adapter:7} {str(row.checkpointing):5} {row.trainable_params / 1e6:9.1f}M "
+        lora = next(r for r in rows if r.adapter == "lora" and (r.base, r.checkpointing, r.optimizer)
+                    == (row.base, row.checkpointing, row.optimizer))
+        lines.append(f"{row.base:5} {row.adapter:7} {str(row.checkpointing):5} {row.optimizer:14} "
+                     f"{row.trainable_params / 1e6:9.1f}M "
                      f"{row.weight_bytes / gib:8.2f} {row.gradient_bytes / gib:7.2f} {row.optimizer_bytes / gib:7.2f} "
                      f"{row.activation_bytes / gib:7.2f} {row.peak_bytes / gib:8.2f} "
                      f"{row.peak_bytes / lora.peak_bytes:7.3f}")
@@ -208,12 +253,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a tiny shape: a smoke run")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--optim", nargs="+", choices=OPTIMIZERS, default=["adamw_torch"],
+                        help="AdamW as Trainer's --optim builds it: fp32 moments, or bitsandbytes' 8-bit moments")
     parser.add_argument("--json", type=Path, help="also write the rows to this file")
     args = parser.parse_args()
     torch.manual_seed(0)
     shape = QUICK if args.quick else LLAMA2_7B
-    rows = table(shape, args.device)
-    print(f"one stage-1 step, batch {BATCH} x {SEQ_LEN} tokens, r={RANK}, N={N_EXPERTS}, {'+'.join(TARGETS)}, AdamW; "
+    rows = table(shape, args.device, tuple(args.optim))
+    print(f"one stage-1 step, batch {BATCH} x {SEQ_LEN} tokens, r={RANK}, N={N_EXPERTS}, {'+'.join(TARGETS)}; "
           f"activations and peak {'measured' if args.device == 'cuda' else 'estimated (upper bound)'} on {args.device}")
     print(report(rows))
     if args.json:

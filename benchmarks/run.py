@@ -140,10 +140,12 @@ def hydra_layer_delta(layer: MoSELayer, x: torch.Tensor, mods: torch.Tensor, lam
     expert on every token, masked."""
     name = "default"
     visual, nonvisual = layer.expert_ids[name]
-    masks = {"visual": torch.isin(mods, torch.tensor(sorted(visual))).float() * lam[:, None],
-             "nonvisual": torch.isin(mods, torch.tensor(sorted(nonvisual))).float() * (1 - lam[:, None]),
+    masks = {"visual": torch.isin(mods, torch.tensor(sorted(visual), device=mods.device)).float() * lam[:, None],
+             "nonvisual": torch.isin(mods, torch.tensor(sorted(nonvisual), device=mods.device)).float()
+                 * (1 - lam[:, None]),
              "omni": torch.ones_like(mods, dtype=torch.float)}
     out = 0
+    x = x.to(layer.mose_A[name].dtype)  # the adapter's dtype (fp32 under a bf16 base), as the fast layer computes
     for e, expert in enumerate(EXPERTS):
         gates = torch.softmax(x @ layer.mose_gate[name][e].T, dim=-1)
         h = x @ layer.mose_A[name][e].T
@@ -155,7 +157,7 @@ def hydra_layer_delta(layer: MoSELayer, x: torch.Tensor, mods: torch.Tensor, lam
 def layer_benchmark(mose_model, mods: torch.Tensor, repeats: int, warmup: int, sync) -> dict[str, float]:
     layer = next(m for m in mose_model.modules() if isinstance(m, MoSELayer))
     x = torch.randn(mods.shape[0], mods.shape[1], layer.in_features, device=mods.device,
-                    dtype=layer.mose_A["default"].dtype)
+                    dtype=layer.base_layer.weight.dtype)  # what the frozen model feeds the layer
     lam = torch.full((mods.shape[0],), 0.55, device=mods.device)
 
     def fast() -> None:
@@ -239,10 +241,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (run with 1 and with 2 on a shared 2-core machine; default: torch's)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                        help="of the base model (default: bfloat16 on cuda, float32 on cpu)")
     parser.add_argument("--json", help="write raw medians and ratios to this file")
     args = parser.parse_args()
     shape = args.shape or ("quick" if args.quick else "llama2-7b" if args.device == "cuda" else "full")
-    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
     repeats = args.repeats or (2 if args.quick else 9)
     torch.set_num_threads(args.threads or torch.get_num_threads())
     results = run(shape, args.device, dtype, repeats, warmup=1 if args.quick else 2)

@@ -29,6 +29,15 @@ def test_quick_run_writes_every_ratio(tmp_path, monkeypatch):
     assert report["visual_tokens"] == 259 and report["batch"] == 2
 
 
+def test_quick_run_on_a_bfloat16_base(tmp_path, monkeypatch):
+    """A bf16 base with fp32 adapter weights (what ``--device cuda`` runs): every part of the run, the layer-level
+    comparison too, takes the frozen model's dtype as its input."""
+    out = tmp_path / "bench.json"
+    run_script("run.py", ["--quick", "--dtype", "bfloat16", "--json", str(out)], monkeypatch)
+    report = json.loads(out.read_text())
+    assert report["dtype"] == "torch.bfloat16" and report["ratios"]["mose_vs_lora_peak_memory"] > 1
+
+
 def test_hydra_layer_reference_equals_the_fast_layer(monkeypatch):
     """The benchmark's HydraLoRA-style loop computes the same layer as the fast path (else the ratio would be
     meaningless)."""

@@ -1,5 +1,5 @@
-"""benchmarks/memory.py: its counted bytes against a hand computation and bitsandbytes' real NF4 storage, and a
-``--quick`` run (no assertion on measured values beyond their consistency)."""
+"""benchmarks/memory.py: its counted bytes against a hand computation and bitsandbytes' real NF4 storage and 8-bit
+optimizer state, and a ``--quick`` run (no assertion on measured values beyond their consistency)."""
 
 from __future__ import annotations
 
@@ -27,6 +27,46 @@ def test_nf4_bytes_equal_bitsandbytes_storage():
         assert BENCH["nf4_bytes"](256 * 128, double_quant) == stored
 
 
+def test_optimizer_bytes_equal_the_optimizers_real_state():
+    """AdamW's moments as counted, against the state torch's and bitsandbytes' optimizers hold after one step, for
+    MoSE's real parameter shapes (A, B, gates and the router's small tensors, under 4096 values)."""
+    from peft import get_peft_model
+
+    from conftest import make_tiny_llama
+    from peft_mose import MoSEConfig
+
+    model = get_peft_model(make_tiny_llama(), MoSEConfig(r=32, n_experts=2, target_modules=["q_proj", "v_proj"]))
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert {p.numel() < 4096 for p in params} == {True, False}
+    for name in BENCH["OPTIMIZERS"]:
+        optimizer = BENCH["make_optimizer"](params, name)
+        for p in params:
+            p.grad = torch.ones_like(p)
+        optimizer.step()
+        held = {t.data_ptr(): t.nbytes for state in optimizer.state.values() for t in state.values()
+                if torch.is_tensor(t) and t.ndim > 0}  # fmt: skip  (0-dim: torch's step counter)
+        assert BENCH["optimizer_bytes"]([p.numel() for p in params], name) == sum(held.values()), name
+
+
+def test_a_train_step_leaves_the_base_as_built():
+    """On CUDA every configuration's step reuses its base model: the step must leave it as it was (same parameters
+    and values, frozen, no adapter module left), for LoRA and MoSE, on bf16 and NF4, with checkpointing too."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    inputs = BENCH["step_inputs"](SHAPE, "cpu")
+    for base in ("bf16", "nf4"):
+        model = BENCH["build"](SHAPE, 2, base, "cpu")
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        for adapter in ("lora", "mose"):
+            for checkpointing in (False, True):
+                model = BENCH["train_step"](model, adapter, checkpointing, "adamw_bnb_8bit", inputs)
+                after = dict(model.named_parameters())
+                assert after.keys() == before.keys() and not any(p.requires_grad for p in after.values())
+                assert all(torch.equal(after[n], before[n]) for n in before), (base, adapter, checkpointing)
+                assert not any(isinstance(m, BaseTunerLayer) for m in model.modules())
+                assert not model.is_gradient_checkpointing
+
+
 def test_counted_bytes_match_a_hand_computation():
     d, m, v, r, layers, targets = 128, 256, 512, 64, 2, 4
     linear = 4 * d * d + 3 * d * m  # q k v o, gate up down
@@ -45,15 +85,21 @@ def test_counted_bytes_match_a_hand_computation():
 
 def test_quick_run_writes_every_configuration(tmp_path, monkeypatch):
     out = tmp_path / "memory.json"
-    monkeypatch.setattr(sys, "argv", ["memory.py", "--quick", "--json", str(out)])
+    monkeypatch.setattr(sys, "argv", ["memory.py", "--quick", "--json", str(out), "--optim", "adamw_torch",
+                                      "adamw_bnb_8bit"])  # fmt: skip
     runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks" / "memory.py"), run_name="__main__")
     rows = json.loads(out.read_text())["rows"]
-    assert {(r["base"], r["adapter"], r["checkpointing"]) for r in rows} == {
-        (b, a, c) for b in ("bf16", "nf4") for a in ("lora", "mose") for c in (False, True)}
+    assert {(r["base"], r["adapter"], r["checkpointing"], r["optimizer"]) for r in rows} == {
+        (b, a, c, o) for b in ("bf16", "nf4") for a in ("lora", "mose") for c in (False, True)
+        for o in ("adamw_torch", "adamw_bnb_8bit")}
     for row in rows:
         assert row["peak_bytes"] == (row["weight_bytes"] + row["gradient_bytes"] + row["optimizer_bytes"]
                                      + row["activation_bytes"])
         assert row["activation_bytes"] > 0
-    by = {(r["base"], r["adapter"], r["checkpointing"]): r for r in rows}
-    assert by["nf4", "mose", False]["weight_bytes"] < by["bf16", "mose", False]["weight_bytes"]
-    assert by["bf16", "mose", True]["activation_bytes"] < by["bf16", "mose", False]["activation_bytes"]
+    by = {(r["base"], r["adapter"], r["checkpointing"], r["optimizer"]): r for r in rows}
+    assert (by["nf4", "mose", False, "adamw_torch"]["weight_bytes"]
+            < by["bf16", "mose", False, "adamw_torch"]["weight_bytes"])
+    assert (by["bf16", "mose", True, "adamw_torch"]["activation_bytes"]
+            < by["bf16", "mose", False, "adamw_torch"]["activation_bytes"])
+    assert (by["bf16", "mose", True, "adamw_bnb_8bit"]["optimizer_bytes"]
+            < by["bf16", "mose", True, "adamw_torch"]["optimizer_bytes"])
