@@ -16,7 +16,7 @@ timeout 400 python benchmarks/memory.py --device cuda --optim adamw_torch adamw_
     > "$out/memory.txt" 2>&1 &
 memory=$!
 # the GPU-marked tests live in these two files (collecting every file would need the media and DPO extras too)
-python -m pytest -q -m gpu tests/test_gpu.py tests/test_benchmarks.py -p no:cacheprovider \
+timeout 300 python -m pytest -q -m gpu tests/test_gpu.py tests/test_benchmarks.py -p no:cacheprovider \
     --junitxml="$out/gpu-tests.xml" > "$out/gpu-tests.txt" 2>&1 || status=1
 wait "$memory" || status=1
 tail -n 3 "$out/gpu-tests.txt"

@@ -38,6 +38,16 @@ def test_quick_run_on_a_bfloat16_base(tmp_path, monkeypatch):
     assert report["dtype"] == "torch.bfloat16" and report["ratios"]["mose_vs_lora_peak_memory"] > 1
 
 
+@pytest.mark.gpu
+def test_quick_run_on_cuda(tmp_path, monkeypatch):
+    """``run.py --device cuda`` end to end on the tiny shape (bf16 base): what benchmarks/gpu.sh then runs at 7B."""
+    out = tmp_path / "bench.json"
+    run_script("run.py", ["--quick", "--device", "cuda", "--json", str(out)], monkeypatch)
+    report = json.loads(out.read_text())
+    assert report["machine"]["gpu"] and report["dtype"] == "torch.bfloat16"
+    assert report["medians_seconds_or_bytes"]["train_memory_bytes_mose"] > 0
+
+
 def test_hydra_layer_reference_equals_the_fast_layer(monkeypatch):
     """The benchmark's HydraLoRA-style loop computes the same layer as the fast path (else the ratio would be
     meaningless)."""
