@@ -170,7 +170,7 @@ def estimated_activations(shape: dict, base: str, adapter: str) -> dict[bool, in
         model = adapted(build(shape, layers, base, "cpu"), adapter).train()
         for checkpointing in (False, True):
             if checkpointing:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             measured[layers, checkpointing] = saved_bytes(model, inputs)
         del model
     hidden = BATCH * SEQ_LEN * shape["hidden_size"] * 2
@@ -189,13 +189,13 @@ def train_step(base_model: torch.nn.Module, adapter: str, checkpointing: bool, o
     that the next configuration reuses it (building a 7B base takes longer than its step)."""
     model = adapted(base_model, adapter).train()
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     step = make_optimizer([p for p in model.parameters() if p.requires_grad], optimizer)
     model(**inputs).loss.backward()
     step.step()
     step.zero_grad(set_to_none=True)
     if checkpointing:
-        model.gradient_checkpointing_disable()
+        model.activation_checkpointing_disable()
     del step
     return model.unload().eval()
 

@@ -64,7 +64,7 @@ def test_a_train_step_leaves_the_base_as_built():
                 assert after.keys() == before.keys() and not any(p.requires_grad for p in after.values())
                 assert all(torch.equal(after[n], before[n]) for n in before), (base, adapter, checkpointing)
                 assert not any(isinstance(m, BaseTunerLayer) for m in model.modules())
-                assert not model.is_gradient_checkpointing
+                assert not model.is_activation_checkpointing
 
 
 def test_counted_bytes_match_a_hand_computation():
