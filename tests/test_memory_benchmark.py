@@ -48,18 +48,27 @@ def test_optimizer_bytes_equal_the_optimizers_real_state():
         assert BENCH["optimizer_bytes"]([p.numel() for p in params], name) == sum(held.values()), name
 
 
-def test_a_train_step_leaves_the_base_as_built():
+def test_a_train_step_leaves_the_base_as_built(monkeypatch):
     """On CUDA every configuration's step reuses its base model: the step must leave it as it was (same parameters
     and values, frozen, no adapter module left), for LoRA and MoSE, on bf16 and NF4, with checkpointing too."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     inputs = BENCH["step_inputs"](SHAPE, "cpu")
+    adapted, trained = BENCH["adapted"], []
+
+    def recording(model, adapter):  # each step's model had its adapter, with the counted trainable parameters
+        peft_model = adapted(model, adapter)
+        trained.append(sum(p.numel() for p in peft_model.parameters() if p.requires_grad))
+        return peft_model
+
+    monkeypatch.setitem(BENCH["train_step"].__globals__, "adapted", recording)
     for base in ("bf16", "nf4"):
         model = BENCH["build"](SHAPE, 2, base, "cpu")
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         for adapter in ("lora", "mose"):
             for checkpointing in (False, True):
                 model = BENCH["train_step"](model, adapter, checkpointing, "adamw_bnb_8bit", inputs)
+                assert trained.pop() == BENCH["counted_bytes"](SHAPE, base, adapter)["trainable_params"]
                 after = dict(model.named_parameters())
                 assert after.keys() == before.keys() and not any(p.requires_grad for p in after.values())
                 assert all(torch.equal(after[n], before[n]) for n in before), (base, adapter, checkpointing)
