@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # On a CUDA machine with the dev environment already installed (installs nothing): the GPU-marked tests, the decode
-# and train-step ratios against LoRA, and the 7B memory table, all written to one folder (aimed at under 8 minutes on one GPU: docs/performance.md).
+# and train-step ratios against LoRA, and the 7B memory table, all written to one folder (aimed at under 8 minutes
+# on one GPU; what has run where: docs/performance.md).
 #   bash benchmarks/gpu.sh [OUT_DIR]        (default: gpu-results/<date-time>)
 set -euo pipefail
 cd "$(dirname "$0")/.."
