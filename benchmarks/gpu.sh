@@ -22,7 +22,8 @@ timeout 300 python -m pytest -q -m gpu tests/test_gpu.py tests/test_benchmarks.p
 wait "$memory" || status=1
 tail -n 3 "$out/gpu-tests.txt"
 cat "$out/memory.txt"
-timeout 150 python benchmarks/run.py --device cuda --repeats 5 --json "$out/train.json" 2>&1 | tee "$out/train.txt" || status=1
+timeout 150 python benchmarks/run.py --device cuda --repeats 5 --json "$out/train.json" 2>&1 \
+    | tee "$out/train.txt" || status=1
 # decode latency at LLaMA-2-7B's layer width (4 layers), bf16 base, eager and compiled, against LoRA
 timeout 180 python benchmarks/decode.py --shape 7b-layer --device cuda --dtype bfloat16 --threads 1 --rounds 5 \
     --compile --json "$out/decode.json" 2>&1 | tee "$out/decode.txt" || status=1
