@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -85,12 +84,12 @@ def evaluate(args: argparse.Namespace) -> list[tuple[str, Mapping[str, object]]]
 
 def main(argv: Sequence[str] | None = None) -> list[tuple[str, Mapping[str, object]]]:
     """Parse, evaluate, print the table; a refused input exits with status 2 and its message."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     setup_logging(logging.INFO, logging.INFO)
     try:
         rows = evaluate(args)
     except (OSError, ValueError) as error:
-        print(f"omni_evaluate.py: error: {error}", file=sys.stderr)
-        sys.exit(2)
+        parser.error(str(error))
     print(markdown_table(rows), end="")
     return rows

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -85,12 +84,12 @@ def infer(args: argparse.Namespace) -> str:
 
 def main(argv: Sequence[str] | None = None) -> str:
     """Parse, answer, print ``<strategy>: <answer>``; a refused input exits with status 2 and its message."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     setup_logging(logging.INFO, logging.INFO)
     try:
         text = infer(args)
     except (OSError, ValueError) as error:
-        print(f"omni_infer.py: error: {error}", file=sys.stderr)
-        sys.exit(2)
+        parser.error(str(error))
     print(f"{args.strategy}: {text}")
     return text
