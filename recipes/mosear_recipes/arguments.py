@@ -242,7 +242,7 @@ class FinetuneConfig:
             "model": argument_values(self.model),
             "data": argument_values(self.data),
             "schedule": argument_values(self.schedule),
-            "training": {**self.training.to_dict(), "save_total_limit": self.checkpoints_kept},
+            "training": trainer_values(self.training, self.checkpoints_kept),
         }
 
 
@@ -359,13 +359,25 @@ def parse_finetune_args(argv: Sequence[str] | None = None) -> FinetuneConfig:
     # state): the stage's learning rate unless one is given, and no rotation of Trainer's own, which would run before
     # the newest checkpoint has its manifest (integrity.CheckpointManifests rotates after it).
     rate = values["learning_rate"] if values["learning_rate"] is not None else STAGE_LEARNING_RATES.get(data.stage)
-    training = build_group(FinetuneArguments, {**values, "learning_rate": rate, "save_total_limit": None})
-    return FinetuneConfig(model, data, schedule, training, config_file, checkpoints_kept=values["save_total_limit"])
+    training, kept = trainer_group(FinetuneArguments, values, learning_rate=rate)
+    return FinetuneConfig(model, data, schedule, training, config_file, checkpoints_kept=kept)
 
 
 def build_group(kind: type, values: dict[str, Any]):
     """A dataclass of the parser built from the parsed ``values`` it has fields for (as HfArgumentParser does)."""
     return kind(**{f.name: values[f.name] for f in fields(kind) if f.init})
+
+
+def trainer_group(kind: type, values: dict[str, Any], **final: Any) -> tuple[Any, int | None]:
+    """Trainer's argument group ``kind`` built from ``values`` (``final`` replacing some) with Trainer's own checkpoint
+    rotation off, and the ``--save_total_limit`` asked for: the recipes rotate after each checkpoint's manifest
+    (:class:`~mosear_recipes.integrity.CheckpointManifests`)."""
+    return build_group(kind, {**values, **final, "save_total_limit": None}), values["save_total_limit"]
+
+
+def trainer_values(training: TrainingArguments, checkpoints_kept: int | None) -> dict[str, Any]:
+    """Trainer's arguments, JSON-friendly, with ``--save_total_limit`` as given (not Trainer's own, which is off)."""
+    return {**training.to_dict(), "save_total_limit": checkpoints_kept}
 
 
 def check_args(config: FinetuneConfig) -> None:

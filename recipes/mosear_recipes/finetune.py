@@ -9,7 +9,6 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import transformers
 from transformers import set_seed
 
 from peft_mose.metrics import resolve_labels
@@ -28,7 +27,7 @@ from .emotion_llama.prompt import PromptEncoder
 from .generation import generate_predictions
 from .guards import train as guarded_train
 from .integrity import resolve_resume
-from .logs import setup_logging
+from .logs import setup_training_logging
 from .merr.collator import MERRCollator
 from .merr.dataset import CAPTION_FILES, SUBTITLE_FILE, KeyedSamples, MERRDataset
 from .merr.references import merr_references
@@ -37,7 +36,7 @@ from .merr.synthetic import FILES as SYNTHETIC_FILES
 from .manifests import MODEL_FILES, MODEL_MANIFEST, write_manifest
 from .modeling import build_model, check_init_source, merged_lora, reference_batch, write_reference_outputs
 from .run_config import EVAL_DIR, REFERENCE_FILE, RUN_CONFIG, RunConfig, StageConfig, base_model_identity
-from .run_folder import check_init_from, check_output_dir, check_resume_agrees, output_lock, start_run
+from .run_folder import check_resume_agrees, claimed_run_folder, start_run
 from .scoring import ScoringConfig, markdown_table, score, warn_skipped, write_report
 from .tiny_setup import write_tiny_setup
 from .trainer import MoSETrainer
@@ -134,15 +133,9 @@ def finetune(config: FinetuneConfig) -> dict | None:
     """Train one stage, save the model, its run configuration, reference outputs and loss curve, and evaluate it;
     returns the evaluation result on the main process. The output folder is claimed first (``run_folder``): a run
     already there is never written over unless resumed or replaced on purpose."""
-    args = config.training
-    if args.should_log:  # Trainer's default log level is "passive": info on the main process, as HF's examples do
-        transformers.utils.logging.set_verbosity_info()
-    setup_logging(args.get_process_log_level(), args.get_process_log_level())
+    setup_training_logging(config.training)
     check_args(config)
-    output_dir = Path(args.output_dir).resolve()
-    check_init_from(output_dir, config.model.init_from)
-    with output_lock(output_dir, args.should_save):
-        check_output_dir(output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
+    with claimed_run_folder(config.training, config.model.init_from) as output_dir:
         return _train(config, output_dir)
 
 

@@ -12,11 +12,14 @@ import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from .integrity import checkpoints, set_aside_damaged
 from .manifests import MODEL_MANIFEST
 from .run_config import ADAPTER_DIR, EVAL_DIR, LOSS_CURVE, PROJECTORS_FILE, REFERENCE_FILE, RUN_CONFIG, RunConfig
+
+if TYPE_CHECKING:
+    from transformers import TrainingArguments
 
 logger = logging.getLogger(__name__)
 
@@ -191,3 +194,15 @@ def output_lock(output_dir: Path, enabled: bool = True) -> Iterator[None]:
     finally:
         if _holder(lock) == me:
             lock.unlink()
+
+
+@contextmanager
+def claimed_run_folder(args: TrainingArguments, init_from: str | None = None) -> Iterator[Path]:
+    """``args.output_dir``, resolved and claimed by this run for the block: an overlap with ``init_from`` refused,
+    the lock held (by the process that saves) and a run already there refused unless resumed or replaced on
+    purpose (``--resume_from_checkpoint``, ``--overwrite_output_dir``)."""
+    output_dir = Path(args.output_dir).resolve()
+    check_init_from(output_dir, init_from)
+    with output_lock(output_dir, args.should_save):
+        check_output_dir(output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
+        yield output_dir

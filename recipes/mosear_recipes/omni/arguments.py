@@ -13,7 +13,15 @@ from transformers import TrainingArguments
 
 from peft_mose.metrics import LABEL_PARSERS, resolve_labels
 
-from ..arguments import CONFIG_DIR, MoSEArguments, argument_values, build_group, parse_values
+from ..arguments import (
+    CONFIG_DIR,
+    MoSEArguments,
+    argument_values,
+    build_group,
+    parse_values,
+    trainer_group,
+    trainer_values,
+)
 from ..distributed import share_cpu_deepspeed_state
 from ..quantization import QUANTIZATIONS
 
@@ -119,7 +127,7 @@ class OmniConfig:
     def arguments(self) -> dict[str, dict[str, Any]]:
         """Every argument, JSON-friendly (``--save_total_limit`` as given)."""
         return {"model": argument_values(self.model), "data": argument_values(self.data),
-                "training": {**self.training.to_dict(), "save_total_limit": self.checkpoints_kept}}  # fmt: skip
+                "training": trainer_values(self.training, self.checkpoints_kept)}  # fmt: skip
 
 
 def parse_omni_args(argv: Sequence[str] | None = None) -> OmniConfig:
@@ -127,8 +135,8 @@ def parse_omni_args(argv: Sequence[str] | None = None) -> OmniConfig:
     ``--model_name_or_path``, the file is ``recipes/configs/omni_tiny.yaml`` (the built-in tiny default)."""
     values, config_file = parse_values(argv, KINDS, TINY_CONFIG, description=__doc__.splitlines()[0])
     model, data = build_group(OmniModelArguments, values), build_group(OmniDataArguments, values)
-    training = build_group(OmniTrainingArguments, {**values, "save_total_limit": None})
-    return OmniConfig(model, data, training, config_file, checkpoints_kept=values["save_total_limit"])
+    training, kept = trainer_group(OmniTrainingArguments, values)
+    return OmniConfig(model, data, training, config_file, checkpoints_kept=kept)
 
 
 def check_omni_args(config: OmniConfig) -> None:

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-import transformers
 from peft import get_peft_model
 from transformers import set_seed
 
@@ -21,10 +20,10 @@ from ..distributed import end_process_group
 from ..finetune import exit_on_refusal
 from ..guards import train as guarded_train
 from ..integrity import resolve_resume
-from ..logs import setup_logging
+from ..logs import setup_training_logging
 from ..manifests import MODEL_MANIFEST, write_manifest
 from ..run_config import EVAL_DIR, RUN_CONFIG, base_model_identity
-from ..run_folder import check_output_dir, check_resume_agrees, output_lock, start_run
+from ..run_folder import check_resume_agrees, claimed_run_folder, start_run
 from ..scoring import ScoringConfig
 from .arguments import OmniConfig, check_omni_args, parse_omni_args
 from .data import ClipDataset, MediaOptions
@@ -75,19 +74,14 @@ def open_inputs(config: OmniConfig, model_path: Path, train_manifest: Path, eval
 def finetune(config: OmniConfig) -> dict | None:
     """Train, save the adapter, run configuration and loss curve, and score ``--eval_manifest`` when given. A
     user's clips are all checked before the output folder is touched."""
-    args = config.training
-    if args.should_log:
-        transformers.utils.logging.set_verbosity_info()
-    setup_logging(args.get_process_log_level(), args.get_process_log_level())
+    setup_training_logging(config.training)
     check_omni_args(config)
-    output_dir = Path(args.output_dir).resolve()
     data = config.data
     inputs = None
     if not data.tiny_setup:  # nothing is written to a run folder refused for bad media
         evaluation = Path(data.eval_manifest) if data.eval_manifest else None
         inputs = open_inputs(config, Path(config.model.model_name_or_path), Path(data.train_manifest), evaluation)
-    with output_lock(output_dir, args.should_save):
-        check_output_dir(output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
+    with claimed_run_folder(config.training) as output_dir:
         if inputs is None:
             inputs = _tiny_inputs(config, output_dir)
         return _train(config, output_dir, inputs)

@@ -13,13 +13,12 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import transformers
 from transformers import set_seed
 from trl import DPOConfig, DPOTrainer
 
 from peft_mose.metrics import resolve_labels
 
-from ..arguments import CONFIG_DIR, ModelArguments, build_group, parse_values
+from ..arguments import CONFIG_DIR, ModelArguments, build_group, parse_values, trainer_group, trainer_values
 from ..distributed import end_process_group
 from ..emotion_llama.features import FeatureSpec
 from ..emotion_llama.model import load_tokenizer
@@ -27,14 +26,14 @@ from ..emotion_llama.prompt import PromptEncoder
 from ..finetune import exit_on_refusal, open_dataset, prepare_inputs
 from ..guards import NonFiniteGuard, train as guarded_train
 from ..integrity import CheckpointManifests, resolve_resume, set_aside_damaged
-from ..logs import setup_logging
+from ..logs import setup_training_logging
 from ..merr.perceive import CUES_FILE, read_cues
 from ..manifests import MODEL_MANIFEST, WEIGHT_FILES, write_manifest
 from ..modeling import build_model, check_init_source, merged_lora
 from ..progress import TrainingProgressCallback
 from ..run_config import RUN_CONFIG, RunConfig, StageConfig, base_model_identity
 from ..run_folder import RESUME_ARGUMENTS as MERR_RESUME_ARGUMENTS
-from ..run_folder import check_init_from, check_output_dir, check_resume_agrees, clear_previous_run, output_lock
+from ..run_folder import check_resume_agrees, claimed_run_folder, clear_previous_run
 from ..trainer import TrainedPartsCheckpoints
 from .data import PreferenceCollator, check_pair_samples, trl_dataset
 from .model import PreferenceEmotionLlama, reference_model
@@ -125,8 +124,7 @@ class DPORunConfig:
         """Every argument, JSON-friendly, for ``run_config.json`` (groups as the SFT recipe records them)."""
         values = {kind: {f.name: getattr(group, f.name) for f in fields(group)}
                   for kind, group in (("model", self.model), ("data", self.data))}  # fmt: skip
-        training = {**self.training.to_dict(), "save_total_limit": self.checkpoints_kept}
-        return {**values, "schedule": {}, "training": training}
+        return {**values, "schedule": {}, "training": trainer_values(self.training, self.checkpoints_kept)}
 
 
 def parse_dpo_args(argv: Sequence[str] | None = None) -> DPORunConfig:
@@ -134,8 +132,8 @@ def parse_dpo_args(argv: Sequence[str] | None = None) -> DPORunConfig:
     without ``--model_name_or_path`` the file is ``recipes/configs/dpo_tiny.yaml``."""
     values, config_file = parse_values(argv, DPO_DATACLASSES, TINY_DPO_CONFIG, __doc__.splitlines()[0])
     model, data = build_group(ModelArguments, values), build_group(PreferenceDataArguments, values)
-    training = build_group(MoSEDPOConfig, {**values, "save_total_limit": None})
-    return DPORunConfig(model, data, training, config_file, checkpoints_kept=values["save_total_limit"])
+    training, kept = trainer_group(MoSEDPOConfig, values)
+    return DPORunConfig(model, data, training, config_file, checkpoints_kept=kept)
 
 
 def check_dpo_args(config: DPORunConfig) -> None:
@@ -174,15 +172,9 @@ class MoSEDPOTrainer(TrainedPartsCheckpoints, DPOTrainer):
 def dpo(config: DPORunConfig) -> list[dict[str, float]]:
     """Tune, save the adapter, projectors and run configuration, and return Trainer's log history (TRL's reward
     metrics among it). The output folder is claimed first, as by ``merr_finetune.py``."""
-    args = config.training
-    if args.should_log:
-        transformers.utils.logging.set_verbosity_info()
-    setup_logging(args.get_process_log_level(), args.get_process_log_level())
+    setup_training_logging(config.training)
     check_dpo_args(config)
-    output_dir = Path(args.output_dir).resolve()
-    check_init_from(output_dir, config.model.init_from)
-    with output_lock(output_dir, args.should_save):
-        check_output_dir(output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
+    with claimed_run_folder(config.training, config.model.init_from) as output_dir:
         return _tune(config, output_dir)
 
 
