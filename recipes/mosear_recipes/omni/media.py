@@ -84,10 +84,7 @@ def read_frames(path: str | Path, fps: float, max_frames: int) -> Frames:
     av = _av()
     path = Path(path)
     with _open(path) as container:
-        if not container.streams.video:
-            kinds = ", ".join(s.type for s in container.streams) or "none"
-            raise MediaError(path, f"no video stream (streams: {kinds})")
-        stream = container.streams.video[0]
+        stream = _first_stream(container, "video", path)
         try:
             stamps = [packet.pts * packet.time_base for packet in container.demux(stream) if packet.pts is not None]
         except av.FFmpegError as error:
@@ -120,6 +117,16 @@ def read_frames(path: str | Path, fps: float, max_frames: int) -> Frames:
     return Frames(np.stack(kept), tuple(kept_times), effective, duration, count)
 
 
+def _first_stream(container, kind: str, path: Path):
+    """The first ``kind`` ("video" or "audio") stream of an open container, or a :class:`MediaError` naming the
+    streams it has."""
+    streams = getattr(container.streams, kind)
+    if not streams:
+        kinds = ", ".join(s.type for s in container.streams) or "none"
+        raise MediaError(path, f"no {kind} stream (streams: {kinds})")
+    return streams[0]
+
+
 def has_audio_stream(path: str | Path) -> bool:
     """Whether the container ``path`` has an audio stream."""
     with _open(Path(path)) as container:
@@ -132,10 +139,7 @@ def read_audio(path: str | Path, sampling_rate: int, max_seconds: float) -> Audi
     av = _av()
     path = Path(path)
     with _open(path) as container:
-        if not container.streams.audio:
-            kinds = ", ".join(s.type for s in container.streams) or "none"
-            raise MediaError(path, f"no audio stream (streams: {kinds})")
-        stream = container.streams.audio[0]
+        stream = _first_stream(container, "audio", path)
         source_rate = int(stream.rate or 0)
         if source_rate < MIN_SAMPLE_RATE:
             raise MediaError(
