@@ -707,9 +707,9 @@ def _base_implementation(target: nn.Module, modules: Collection[nn.Module], prev
         raise ValueError(
             f"Attention reallocation cannot run on {name}: it computes attention inside its own attention modules "
             "instead of calling transformers' AttentionInterface (Bloom, and Falcon before transformers 5.25, add "
-            "their ALiBi position biases there), so AR can neither compute nor change its attention weights. AR runs on models whose attention "
-            "goes through the interface with 'sdpa' or 'eager' (Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3, GPT-2, "
-            "OPT, GPT-NeoX, Mixtral, Qwen2-MoE, ...)."
+            "their ALiBi position biases there), so AR can neither compute nor change its attention weights. AR runs "
+            "on models whose attention goes through the interface with 'sdpa' or 'eager' (Llama, Mistral, Qwen2/3, "
+            "Gemma 2/3, Phi-3, GPT-2, OPT, GPT-NeoX, Mixtral, Qwen2-MoE, ...)."
         )
     if any(getattr(module, "sinks", None) is not None for module in modules):
         raise ValueError(
