@@ -213,6 +213,8 @@ def cuda_peak(base_model: torch.nn.Module, shape: dict, adapter: str, checkpoint
 
 
 def table(shape: dict, device: str, optimizers: tuple[str, ...] = ("adamw_torch",)) -> list[Row]:
+    """Every configuration's row, each printed as it is measured (a 7B table takes minutes)."""
+    print(HEADER, flush=True)
     rows = []
     for base in ("bf16", "nf4"):
         base_model = build(shape, shape["num_hidden_layers"], base, "cuda") if device == "cuda" else None
@@ -229,24 +231,24 @@ def table(shape: dict, device: str, optimizers: tuple[str, ...] = ("adamw_torch"
                         saved = peak - fixed
                     rows.append(Row(base, adapter, checkpointing, optimizer, activation_bytes=saved, peak_bytes=peak,
                                     **counted))
-                    print(f"measured {rows[-1]}" if device == "cuda" else f"estimated {rows[-1]}", flush=True)
+                    print(table_line(rows[-1], rows), flush=True)
         del base_model
     return rows
 
 
-def report(rows: list[Row]) -> str:
+HEADER = (f"{'base':5} {'adapter':7} {'ckpt':5} {'optim':14} {'trainable':>10} {'weights':>8} {'grads':>7} "
+          f"{'adamw':>7} {'activ.':>7} {'peak GiB':>8} {'vs LoRA':>7}")
+
+
+def table_line(row: Row, rows: list[Row]) -> str:
+    """``row`` in GiB, its peak against the LoRA row of the same base, checkpointing and optimizer in ``rows``."""
     gib = 2**30
-    lines = [f"{'base':5} {'adapter':7} {'ckpt':5} {'optim':14} {'trainable':>10} {'weights':>8} {'grads':>7} "
-             f"{'adamw':>7} {'activ.':>7} {'peak GiB':>8} {'vs LoRA':>7}"]
-    for row in rows:
-        lora = next(r for r in rows if r.adapter == "lora" and (r.base, r.checkpointing, r.optimizer)
-                    == (row.base, row.checkpointing, row.optimizer))
-        lines.append(f"{row.base:5} {row.adapter:7} {str(row.checkpointing):5} {row.optimizer:14} "
-                     f"{row.trainable_params / 1e6:9.1f}M "
-                     f"{row.weight_bytes / gib:8.2f} {row.gradient_bytes / gib:7.2f} {row.optimizer_bytes / gib:7.2f} "
-                     f"{row.activation_bytes / gib:7.2f} {row.peak_bytes / gib:8.2f} "
-                     f"{row.peak_bytes / lora.peak_bytes:7.3f}")
-    return "\n".join(lines)
+    lora = next(r for r in rows if r.adapter == "lora" and (r.base, r.checkpointing, r.optimizer)
+                == (row.base, row.checkpointing, row.optimizer))
+    return (f"{row.base:5} {row.adapter:7} {str(row.checkpointing):5} {row.optimizer:14} "
+            f"{row.trainable_params / 1e6:9.1f}M "
+            f"{row.weight_bytes / gib:8.2f} {row.gradient_bytes / gib:7.2f} {row.optimizer_bytes / gib:7.2f} "
+            f"{row.activation_bytes / gib:7.2f} {row.peak_bytes / gib:8.2f} {row.peak_bytes / lora.peak_bytes:7.3f}")
 
 
 def main() -> None:
@@ -259,10 +261,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     shape = QUICK if args.quick else LLAMA2_7B
-    rows = table(shape, args.device, tuple(args.optim))
     print(f"one stage-1 step, batch {BATCH} x {SEQ_LEN} tokens, r={RANK}, N={N_EXPERTS}, {'+'.join(TARGETS)}; "
           f"activations and peak {'measured' if args.device == 'cuda' else 'estimated (upper bound)'} on {args.device}")
-    print(report(rows))
+    rows = table(shape, args.device, tuple(args.optim))
     if args.json:
         args.json.write_text(json.dumps({"device": args.device, "shape": shape, "batch": BATCH, "seq_len": SEQ_LEN,
                                          "rows": [asdict(r) for r in rows]}, indent=2))
