@@ -196,11 +196,13 @@ class MoSEConfig(PeftConfig):
 
     def expert_modalities(self) -> tuple[frozenset[int], frozenset[int]]:
         """Modality ids routed to the visual and to the non-visual expert, answer tokens resolved."""
-        visual = frozenset(int(Modality[m.upper()]) for m in self.visual_modalities)
+        visual = {int(Modality[m.upper()]) for m in self.visual_modalities}
         nonvisual = {int(Modality[m.upper()]) for m in self.nonvisual_modalities}
-        if self.answer_modality == "text" and "text" in self.nonvisual_modalities:
-            nonvisual.add(int(Modality.ANSWER))
-        return visual, frozenset(nonvisual)
+        if self.answer_modality == "text":  # answer tokens go wherever text goes, to either expert
+            for group in (visual, nonvisual):
+                if int(Modality.TEXT) in group:
+                    group.add(int(Modality.ANSWER))
+        return frozenset(visual), frozenset(nonvisual)
 
 
 def _check_int(value: object, name: str, minimum: int) -> None:

@@ -190,7 +190,7 @@ class MoSELayer(BaseTunerLayer):
         masks = TokenMasks(
             visual=is_visual.float(),
             nonvisual=is_nonvisual.float(),
-            tokens=torch.stack([is_visual, is_nonvisual, valid], dim=-1).float(),
+            tokens=torch.stack([is_visual & valid, is_nonvisual & valid, valid], dim=-1).float(),
             groups=token_groups(is_visual, is_nonvisual),
             pool=pool,
         )

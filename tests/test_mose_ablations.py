@@ -11,7 +11,7 @@ from conftest import layout, make_tiny_llama, random_tokens
 from expert_paths import expert_path
 from mose_reference import reference_output, reference_params
 from peft_mose import MoSEConfig
-from test_mose_equations import LAYOUTS, cfg, wrap
+from test_mose_equations import ANS, LAYOUTS, A, T, V, cfg, wrap
 
 ABLATIONS = {
     "moae": dict(expert_kind="moae"),
@@ -91,3 +91,19 @@ def test_ablations_save_load_and_generate(ablation, llama, tmp_path):
     loaded = PeftModel.from_pretrained(fresh, tmp_path).eval()
     assert torch.equal(loaded(input_ids=ids, modality_ids=mods).logits, expected)
     assert loaded.peft_config["default"].expert_kind == ABLATIONS[ablation].get("expert_kind", "asymmetric")
+
+
+@pytest.mark.parametrize("text_goes_to", ["visual", "nonvisual"])
+def test_answer_tokens_read_as_text_take_whichever_expert_text_takes(text_goes_to):
+    """answer_modality='text': an answer token runs the experts a text token runs, also when text is routed to the
+    visual expert; only the router's pooling leaves it out."""
+    groups = dict(visual_modalities=["visual"], nonvisual_modalities=["audio", "text"])
+    if text_goes_to == "visual":
+        groups = dict(visual_modalities=["visual", "text"], nonvisual_modalities=["audio"])
+    model, layer = wrap(cfg(answer_modality="text", **groups))
+    x = torch.randn(1, 4, layer.in_features)
+    x[0, 3] = x[0, 2]  # the same vector as a text token (position 2) and as an answer token (position 3)
+    with torch.no_grad():
+        with_answer = model(inputs_embeds=x, modality_ids=torch.tensor([[V, A, T, ANS]]))
+        prompt_only = model(inputs_embeds=x[:, :3], modality_ids=torch.tensor([[V, A, T]]))  # the same lambda
+    torch.testing.assert_close(with_answer[0, 3], prompt_only[0, 2], rtol=0, atol=1e-6)
