@@ -65,6 +65,8 @@ class ModalityContext:
     """The model's placeholder tokens: with no ids given, the ids are read off the first forward's ``input_ids``."""
     left_out: Tensor | None = None
     """Positions of a hand-driven call that its forwards count as padding though the model sees them."""
+    prompt_mask: Tensor | None = None
+    """A ``generate`` call's 2-D ``attention_mask`` of its prompt (its padding), for forwards given a 4-D mask."""
 
 
 CallStart = Callable[[ModalityContext, tuple, dict], None]
@@ -243,16 +245,29 @@ class ContextScope:
         cached_prompt = None if record is None else record.modality_ids
         positions = forward_positions(
             context.modality_ids, context.kind, cached_prompt, batch, new=new, past=past,
-            attention_mask=kwargs.get("attention_mask"), device=inputs.device,
+            attention_mask=kwargs.get("attention_mask"), prompt_mask=context.prompt_mask, device=inputs.device,
         )
         if context.left_out is not None:
             positions.valid = positions.valid & ~context.left_out.to(positions.valid.device)
         return positions
 
 
-def check_prompt(context: ModalityContext, args: tuple, kwargs: dict) -> None:
-    """The ids of a generate call (checked when it opened) must fit its prompt exactly (beams expand both alike
-    later)."""
+def start_generate(context: ModalityContext, model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Check a ``generate`` call of ``model`` before it runs: no chunked prefill (its first forward, which fixes the
+    prompt's ids and router weight, would see only the first chunk), and ids that fit the prompt exactly (beams
+    expand both alike later). Keeps the prompt's 2-D ``attention_mask``, for forwards that get a 4-D one (a static
+    cache's) and would otherwise count padding as tokens."""
+    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    chunk = kwargs.get("prefill_chunk_size", getattr(config, "prefill_chunk_size", None))
+    if chunk is not None:
+        raise ValueError(
+            f"generate(prefill_chunk_size={chunk}) is not supported: the prompt's modality ids and MoSE's router weight "
+            "(Eq. 4, pooled over the whole prompt) are fixed by the call's first forward, which a chunked prefill "
+            f"runs on the first {chunk} tokens only. Pass prefill_chunk_size=None."
+        )
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, Tensor) and mask.dim() == 2:
+        context.prompt_mask = mask
     if context.modality_ids is None:
         return
     inputs = call_input(args, kwargs)

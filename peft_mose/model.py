@@ -13,9 +13,9 @@ from torch import nn
 
 from ._compat.peft import adapter_tensors
 from .config import MoSEConfig
-from .context import ContextScope, check_prompt
+from .context import ContextScope, start_generate
 from .layer import MERGE_ERROR, MoSELayer, MoSELinear, RoutingMemo
-from .modality_tokens import ModalityTokens
+from .modality_tokens import model_tokens
 from .positions import CallKind
 from .targets import check_targets, default_targets
 
@@ -52,7 +52,7 @@ class MoSEModel(BaseTuner):
     def _pre_injection_hook(self, model: nn.Module, config: MoSEConfig, adapter_name: str) -> None:
         if not hasattr(self, "scope"):
             self.scope = ContextScope()
-            self.modality_tokens = ModalityTokens.from_config(getattr(model, "config", None))
+            self.modality_tokens = model_tokens(model)
 
     def _create_and_replace(
         self,
@@ -91,7 +91,7 @@ class MoSEModel(BaseTuner):
         """``generate`` with ``modality_ids`` of the prompt (``[batch, prompt_len]``); generated tokens are answer
         tokens, and the router weight of the prompt (computed at prefill) is used at every step."""
         with self.scope.call(self.model, modality_ids, CallKind.GENERATE, tokens=self.modality_tokens) as context:
-            check_prompt(context, args, kwargs)
+            start_generate(context, self.model, args, kwargs)
             return self.model.generate(*args, **kwargs)
 
     def routing_stats(self, adapter_name: str | None = None) -> dict[str, dict[str, torch.Tensor]]:

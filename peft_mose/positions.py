@@ -62,12 +62,14 @@ class ForwardPositions:
 
 def forward_positions(
     ids: Tensor | None, kind: CallKind, cached_prompt: Tensor | None, batch: int, past: int, new: int,
-    attention_mask: Any, device: torch.device,
+    attention_mask: Any, device: torch.device, prompt_mask: Tensor | None = None,
 ) -> ForwardPositions:
     """The positions of a forward of ``batch`` rows, ``past`` cached and ``new`` computed positions, in a call whose
-    ids are ``ids`` of ``kind``; ``cached_prompt``: the ids of the prompt that filled the cache it continues."""
+    ids are ``ids`` of ``kind``; ``cached_prompt``: the ids of the prompt that filled the cache it continues;
+    ``prompt_mask``: a generate call's 2-D mask of its prompt, read where the forward's own mask is not 2-D."""
     full, uniform = _full_ids(ids, kind, cached_prompt, batch, past, new, device)
-    return ForwardPositions(full, _valid_positions(attention_mask, batch, past + new, device), past, new, uniform)
+    valid = _valid_positions(attention_mask, prompt_mask, batch, past + new, device)
+    return ForwardPositions(full, valid, past, new, uniform)
 
 
 def _full_ids(
@@ -85,7 +87,9 @@ def _full_ids(
     ids = ids.to(device=device, dtype=torch.long)
     length = ids.shape[1]
     if ids.shape[0] != batch:
-        if kind is CallKind.FORWARD or batch % ids.shape[0]:
+        # only generate expands a prompt's rows (beams, num_return_sequences); a forward that starts a sequence is
+        # exactly the prompt
+        if kind is CallKind.FORWARD or (kind is CallKind.PROMPT and past == 0) or batch % ids.shape[0]:
             raise ValueError(
                 f"{source} has batch size {ids.shape[0]} but the model was called with batch size {batch}."
             )
@@ -106,8 +110,12 @@ def _full_ids(
     return torch.cat([ids, answer], dim=1), (Modality.ANSWER if past >= length else None)
 
 
-def _valid_positions(mask: Any, batch: int, total: int, device: torch.device) -> Tensor:
-    """Real (non-padding) positions from a 2-D attention mask; other masks carry no padding we can read."""
+def _valid_positions(mask: Any, prompt_mask: Tensor | None, batch: int, total: int, device: torch.device) -> Tensor:
+    """Real (non-padding) positions from a 2-D attention mask; else from the generate call's prompt mask (its rows
+    expanded as generate expands them, every position after the prompt real); else all of them."""
     if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape == (batch, total):
         return mask.to(device=device) != 0
+    if prompt_mask is not None and prompt_mask.shape[1] <= total and batch % prompt_mask.shape[0] == 0:
+        prompt = prompt_mask.to(device=device).repeat_interleave(batch // prompt_mask.shape[0], dim=0) != 0
+        return torch.cat([prompt, prompt.new_ones(batch, total - prompt.shape[1])], dim=1)
     return torch.ones(batch, total, dtype=torch.bool, device=device)

@@ -16,10 +16,18 @@ from peft_mose.modality_tokens import AUDIO_TOKEN_KEYS, VISUAL_TOKEN_KEYS
 from peft_mose.targets import language_model_prefix
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "models.md"
-NOT_BUILT = {
-    "Gemma3nForConditionalGeneration": "not tested: its vision tower needs `timm`, which needs torchvision, and "
-    "PyPI's torchvision does not load beside the CPU build of torch the tests run on (tests/native_models.py)",
-}
+REFUSED = """## Other multimodal models: refused
+
+Any other multimodal class (its config has an encoder sub-config, such as `vision_config` or `audio_config`, or
+names placeholder tokens) is refused at `get_peft_model` and `attention_reallocation` with an error naming it: its
+placeholders may sit in a sub-config, its language model may hold the encoders or cross-attention layers, or its
+`generate` may run a sub-model outside MoSE's call, and each of those would run with wrong ids and no error
+(`peft_mose/modality_tokens.py`, `model_tokens`; subclasses of the tested classes are taken).
+`tests/test_native_models.py` checks the refusal on Qwen2.5-Omni's full model (use its `.thinker`, as the omni recipe
+does), Mllama, Phi-4-multimodal, Gemma 3 and Fuyu. `Gemma3nForConditionalGeneration` is refused too: its vision tower
+needs `timm`, which needs torchvision, and PyPI's torchvision does not load beside the CPU build of torch the tests
+run on (tests/native_models.py), so it cannot be built here to be tested.
+"""
 HEADER = """# Models
 
 What MoSE and attention reallocation do on each transformers model the tests build (tiny random models from the
@@ -68,8 +76,7 @@ def render() -> str:
         model_class = type(case.model).__name__ + (" (audio in video)" if "interleaved" in name else "")
         lines.append(f"| `{model_class}` | `{language_model_prefix(case.model)}` | {_targets(case.model)} | "
                      f"{_placeholders(case.model.config)} | in its language model | the model's own forward |")
-    lines += [f"| `{model_class}` | | | | | {reason} |" for model_class, reason in NOT_BUILT.items()]
-    lines += ["", "## Text models\n", "| model class | default targets | AR and conflict gate |", "|---|---|---|"]
+    lines += ["", REFUSED, "## Text models\n", "| model class | default targets | AR and conflict gate |", "|---|---|---|"]
     for name in sorted(TEXT_MODELS):
         model = build(name)
         lines.append(f"| `{type(model).__name__}` | {_targets(model)} | {AR_SUPPORT_DOC.get(name, AR_SUPPORT[name])} |")

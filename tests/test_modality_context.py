@@ -216,3 +216,43 @@ def test_the_decode_path_equals_the_general_path_for_outputs_and_gradients(llama
     for a, b, p in zip(fast_grads, general_grads, [x, *params]):  # None: no gradient reaches it (a zero one)
         a, b = (torch.zeros_like(p) if g is None else g for g in (a, b))
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_static_cache_generation_equals_dynamic_on_a_left_padded_batch(mose):
+    """A static cache's forwards get a 4-D mask: the prompt's padding comes from generate's own 2-D mask."""
+    ids, mods = random_tokens(), layout()
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    run = dict(input_ids=ids, attention_mask=mask, modality_ids=mods, output_scores=True, return_dict_in_generate=True)
+    dynamic = mose.generate(**run, **GEN)
+    static = mose.generate(**run, cache_implementation="static", **GEN)
+    assert torch.equal(static.sequences, dynamic.sequences)
+    torch.testing.assert_close(torch.stack(static.scores), torch.stack(dynamic.scores), rtol=0, atol=1e-5)
+
+
+def test_routing_statistics_of_a_padded_sample_are_those_of_the_sample_alone(mose):
+    """The first layer's inputs do not depend on position, so its gates and lambda for a left-padded sample are the
+    sample's own: padding is in neither the experts' mean gates nor the router's pool."""
+    ids, mods = random_tokens(), layout()
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    first = next(m for m in mose.modules() if isinstance(m, MoSELayer)).layer_name
+    with torch.no_grad():
+        mose(input_ids=ids, attention_mask=mask, modality_ids=mods)
+        padded = mose.base_model.routing_stats()[first]
+        mose(input_ids=ids[1:, 3:], modality_ids=mods[1:, 3:])
+        alone = mose.base_model.routing_stats()[first]
+    torch.testing.assert_close(padded["expert_weights"][1], alone["expert_weights"][0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(padded["lambda"][1], alone["lambda"][0], rtol=0, atol=1e-6)
+
+
+def test_chunked_prefill_is_refused(mose):
+    with pytest.raises(ValueError, match=r"prefill_chunk_size=4\) is not supported"):
+        mose.generate(input_ids=random_tokens(), modality_ids=layout(), prefill_chunk_size=4, **GEN)
+
+
+def test_a_forward_under_ar_refuses_prompt_ids_of_another_batch():
+    model = make_tiny_llama()
+    with attention_reallocation(model, layout(batch=2), tau=0.0):
+        with pytest.raises(ValueError, match="batch size 2 but the model was called with batch size 4"):
+            model(input_ids=random_tokens(batch=4))

@@ -9,12 +9,15 @@ import copy
 
 import pytest
 import torch
+import transformers
 from peft import PeftModel, get_peft_model
+from transformers import AutoConfig
 
+from conftest import cache_of
 from native_models import NATIVE_MODELS, build_native
 from peft_mose import Modality, MoSEConfig, MoSELayer
 from peft_mose.attention import GateDecisions, GateInputs, attention_reallocation
-from peft_mose.modality_tokens import ModalityTokens
+from peft_mose.modality_tokens import TESTED_MULTIMODAL, ModalityTokens
 from peft_mose.targets import language_model_prefix
 
 CFG = dict(r=4, n_experts=2, eps=0.3, lora_dropout=0.0)
@@ -172,3 +175,58 @@ def test_gate_probes_are_the_models_own_forward_with_a_modality_left_out(case):
         with attention_reallocation(model, tau=0.0, gate=detector):
             model(**other)
     assert not torch.allclose(seen[1][2], without_audio) or not torch.allclose(seen[1][1], without_visual)
+
+
+def test_the_multimodal_classes_taken_are_the_ones_tested_here():
+    assert sorted(TESTED_MULTIMODAL) == sorted({type(build_native(name).model).__name__ for name in NATIVE_MODELS})
+
+
+@pytest.mark.parametrize("class_name, model_type", [
+    ("Qwen2_5OmniForConditionalGeneration", "qwen2_5_omni"),  # generate runs its thinker as a sub-model
+    ("MllamaForConditionalGeneration", "mllama"),  # cross-attention v_proj reads the vision states
+    ("Phi4MultimodalForCausalLM", "phi4_multimodal"),  # placeholders in sub-configs, encoders inside its decoder
+    ("Gemma3ForConditionalGeneration", "gemma3"),  # plausible, but nothing checks it
+    ("FuyuForCausalLM", "fuyu"),  # image placeholders, no encoder sub-config
+])
+def test_untested_multimodal_models_are_refused_at_setup_naming_the_class(class_name, model_type):
+    with torch.device("meta"):
+        model = getattr(transformers, class_name)(AutoConfig.for_model(model_type))
+    hint = "model.thinker" if "Omni" in class_name else "Use one of those"
+    with pytest.raises(ValueError, match=rf"{class_name} is a multimodal model .*LlavaForConditionalGeneration.*{hint}"):
+        get_peft_model(model, MoSEConfig(**CFG))
+    assert not any(isinstance(m, MoSELayer) for m in model.modules())
+    with pytest.raises(ValueError, match=rf"{class_name} is a multimodal model"):
+        with attention_reallocation(model, tau=1.0):
+            pass
+
+
+def test_a_chunked_prefill_is_refused():
+    case = build_native("llava")
+    with pytest.raises(ValueError, match=r"prefill_chunk_size=4\) is not supported"):
+        mose_of(case).generate(**case.inputs, prefill_chunk_size=4, **GEN)
+    with pytest.raises(ValueError, match=r"prefill_chunk_size=4\) is not supported"):
+        with attention_reallocation(case.model, tau=1.0):
+            case.model.generate(**case.inputs, prefill_chunk_size=4, **GEN)
+
+
+def test_media_in_a_call_that_continues_a_cache_is_refused():
+    case = build_native("llava")
+    model = mose_of(case)
+    with torch.no_grad():
+        first = model(**case.inputs, use_cache=True)
+        mask = torch.cat([case.inputs["attention_mask"]] * 2, dim=1)
+        with pytest.raises(ValueError, match=r"pixel_values in a call that continues a cache of \d+ positions"):
+            model(**dict(case.inputs, attention_mask=mask), **cache_of(first))
+
+
+def test_embeddings_with_encoded_media_are_refused_and_without_media_are_text():
+    case = build_native("llava")
+    model = mose_of(case, init_weights=False)
+    embeds = case.model.get_input_embeddings()(case.inputs["input_ids"])
+    mask = case.inputs["attention_mask"]
+    with torch.no_grad(), pytest.raises(ValueError, match="called with mm_encoder_outputs and `inputs_embeds`"):
+        model(inputs_embeds=embeds, attention_mask=mask, mm_encoder_outputs={"image": torch.zeros(1)})
+    with torch.no_grad():
+        text = torch.full_like(mask, int(Modality.TEXT))
+        derived = model.generate(inputs_embeds=embeds, attention_mask=mask, **GEN)
+        assert torch.equal(derived, model.generate(inputs_embeds=embeds, attention_mask=mask, modality_ids=text, **GEN))

@@ -31,9 +31,9 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .._compat.transformers import attn_implementation, uses_attention_interface
-from ..context import ContextScope, ModalityContext, check_prompt
+from ..context import ContextScope, ModalityContext, start_generate
 from ..modality import Modality, validate_modality_ids
-from ..modality_tokens import ModalityTokens
+from ..modality_tokens import ModalityTokens, model_tokens
 from ..model import mose_tuner
 from ..positions import CallKind, ForwardPositions
 from .diagnostics import ReallocationDiagnostics
@@ -623,7 +623,7 @@ def _plain_model_calls(
 
     def generate_in_context(*args: Any, **kwargs: Any) -> Any:
         with scope.call(model, modality_ids, CallKind.GENERATE, tokens=tokens) as context:
-            check_prompt(context, args, kwargs)
+            start_generate(context, model, args, kwargs)
             return generate(*args, **kwargs)
 
     pre = model.register_forward_pre_hook(pre_forward, with_kwargs=True)
@@ -794,7 +794,7 @@ def attention_reallocation(
         )
     tokens = None
     if scope is None:
-        tokens = ModalityTokens.from_config(getattr(target, "config", None))
+        tokens = model_tokens(target)
         if modality_ids is None and tokens is None:
             raise ValueError(
                 f"Attention reallocation on a model without MoSE needs `modality_ids` ([batch, prompt_len]) to know "
