@@ -195,6 +195,15 @@ def test_an_audio_heavy_head_is_reallocated_and_a_visual_one_is_not():
     assert torch.equal(reallocate_attention(weights, visual, audio, tau=0.9), weights)  # c <= tau: layer untouched
 
 
+def test_heads_whose_ratio_is_the_layers_are_left_alone_bit_for_bit():
+    """Eq. 7 is strict: identical heads have c_h = c, so none is biased, whatever rounding does to c S_V,h."""
+    rows = torch.softmax(2 * torch.randn(2000, 9, generator=torch.Generator().manual_seed(0)), -1)
+    weights = rows[:, None, None, :].expand(-1, 2, 1, -1).contiguous()
+    visual = torch.tensor([False, True, True, True, True, True, False, False, False]).expand(2000, -1)
+    audio = torch.tensor([False, False, False, False, False, False, True, True, False]).expand(2000, -1)
+    assert torch.equal(reallocate_attention(weights, visual, audio, tau=0.0), weights)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_is_stable_and_close_to_float32(dtype):
     weights, visual, audio = random_case(7, 3, 5, 2, 40, 6.0, True)

@@ -127,18 +127,21 @@ def plan_reallocation(visual_mass: Tensor, audio_mass: Tensor, tau: float, sampl
     """Eq. 5-7 and 12-14 from the per-head masses S_h(ω, V), S_h(ω, A) (``[batch, heads, q_len]``, float32 or
     float64); ``samples`` (bool ``[batch]``, the conflict gate's flags) limits H_bias to those samples.
 
-    c_h > c is tested as S_A,h > c S_V,h, which needs no division by a head's (possibly zero) visual mass. Rows
+    c_h > c is tested as S_A,h Σ_h S_V,h > Σ_h S_A,h S_V,h, which needs no division by a head's (possibly zero)
+    visual mass, in float64: products of float32 (or half) masses are exact there, so a head whose c_h equals c (two
+    identical heads, one head) is never made biased by rounding; Eq. 7 is strict. Rows
     without audio mass (c = 0), without visual mass (c = inf, and no head reaches the minimum visual mass) or without
     both (c = NaN) get no biased head. Heads whose visual mass is below the smallest normal number of the masses'
     dtype are left alone: Eq. 13 would need a factor that overflows, and there is no visual distribution to scale
     (Eq. 11) anyway.
     """
     tau, c = check_tau(tau), modality_totals(visual_mass, audio_mass)[2]
-    audio_if_balanced = c * visual_mass
-    biased = (c > tau) & (visual_mass >= torch.finfo(visual_mass.dtype).tiny) & (audio_mass > audio_if_balanced)
+    wide_v, wide_a = visual_mass.double(), audio_mass.double()
+    above = wide_a * wide_v.sum(1, keepdim=True) > wide_a.sum(1, keepdim=True) * wide_v
+    biased = (c > tau) & (visual_mass >= torch.finfo(visual_mass.dtype).tiny) & above
     if samples is not None:
         biased = biased & samples[:, None, None]
-    moved = torch.where(biased, (audio_mass - audio_if_balanced) / (1 + c), 0.0)
+    moved = torch.where(biased, ((audio_mass - c * visual_mass) / (1 + c)).clamp_min(0), 0.0)
     change = moved.unsqueeze(-1) / torch.stack((visual_mass, -audio_mass), dim=-1)
     return ARPlan(biased=biased, moved=moved, change=torch.where(biased.unsqueeze(-1), change, 0.0))
 
