@@ -136,7 +136,8 @@ def plan_reallocation(visual_mass: Tensor, audio_mass: Tensor, tau: float, sampl
     (Eq. 11) anyway.
     """
     tau, c = check_tau(tau), modality_totals(visual_mass, audio_mass)[2]
-    wide_v, wide_a = visual_mass.double(), audio_mass.double()
+    wide = torch.float64 if visual_mass.device.type != "mps" else visual_mass.dtype  # MPS has no float64
+    wide_v, wide_a = visual_mass.to(wide), audio_mass.to(wide)
     above = wide_a * wide_v.sum(1, keepdim=True) > wide_a.sum(1, keepdim=True) * wide_v
     biased = (c > tau) & (visual_mass >= torch.finfo(visual_mass.dtype).tiny) & above
     if samples is not None:
