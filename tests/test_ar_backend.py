@@ -295,6 +295,9 @@ def test_nested_blocks_restore_the_outer_settings(model):
         (dict(rows="prompt"), "Unknown rows"),
         (dict(strategy="pai", pai_mode="softmax"), "Unknown pai_mode"),
         (dict(strategy="pai", alpha=-1.0), "alpha"),
+        (dict(strategy="pai", tau=0.5), r"tau does not apply to strategy='pai'"),
+        (dict(alpha=0.2, pai_mode="weights"), r"alpha and pai_mode do not apply to strategy='ar'"),
+        (dict(strategy="ar+gate", alpha=0.2), r"alpha does not apply to strategy='ar'"),
         (dict(modality_ids=torch.zeros(2, 3)), "integer tensor"),
     ],
 )

@@ -21,7 +21,7 @@ def test_outer_block_exited_before_the_inner_one_is_refused_and_the_inner_one_st
     with attention_reallocation(llama, modality_ids, tau=0.05):
         inner_alone = logits(llama, ids)
     assert not torch.allclose(inner_alone, plain)  # the inner block's effect is visible
-    outer = attention_reallocation(llama, modality_ids, tau=0.9, strategy="pai", alpha=2.0)
+    outer = attention_reallocation(llama, modality_ids, strategy="pai", alpha=2.0)
     inner = attention_reallocation(llama, modality_ids, tau=0.05)
     outer.__enter__()
     inner.__enter__()

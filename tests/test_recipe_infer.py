@@ -87,8 +87,10 @@ def test_answers_by_id_are_evaluations_answers(tiny, run, name, by_id):
     dataset = MERRDataset(tiny.data.test_txt, tiny.data.subtitles, tasks=("emotion",))
     assert answers == _expected(trained.model, trained.encoder, dataset, name, max_new_tokens=8)
     assert list(answers) == ["none", "ar", "pai"] and all(answers.values())
-    assert [(o["strategy"], o["tau"], o["alpha"], o["layers"]) for o in opened] == [("ar", 0.0, 5.0, None),
-                                                                                   ("pai", 0.0, 5.0, None)]  # fmt: skip
+    assert [{k: v for k, v in o.items() if k != "modality_ids"} for o in opened] == [
+        {"strategy": "ar", "tau": 0.0, "layers": None},
+        {"strategy": "pai", "alpha": 5.0, "pai_mode": "logits", "layers": None},
+    ]
 
 
 def test_reasoning_prompt_by_id(tiny, run, name):

@@ -742,12 +742,12 @@ def attention_reallocation(
     model: nn.Module,
     modality_ids: Tensor | None = None,
     *,
-    tau: float = 1.0,
+    tau: float | None = None,
     strategy: Strategy | str = Strategy.AR,
     layers: Iterable[int] | None = None,
     rows: str = "response",
-    alpha: float = 0.5,
-    pai_mode: PaiMode | str = PaiMode.LOGITS,
+    alpha: float | None = None,
+    pai_mode: PaiMode | str | None = None,
     record: bool = False,
     gate: str | ConflictDetector | None = None,
     gate_labels: Iterable[int] | None = None,
@@ -758,8 +758,9 @@ def attention_reallocation(
     On a MoSE model the ids come with each call (``model(..., modality_ids=)``, ``model.generate(...,
     modality_ids=)``). A model without MoSE cannot take them, so they are given here instead: ``modality_ids``
     ``[batch, prompt_len]`` describe the prompt of every forward and ``generate`` in the block (generated positions
-    are answer tokens; a forward without a cache must be exactly that prompt). ``strategy`` is ``"ar"`` (MoSEAR, threshold ``tau``)
-    or ``"pai"`` (factor ``alpha``, ``pai_mode`` ``"logits"`` or ``"weights"``); ``layers`` restricts it to some
+    are answer tokens; a forward without a cache must be exactly that prompt). ``strategy`` is ``"ar"`` (MoSEAR, threshold
+    ``tau``, default 1) or ``"pai"`` (factor ``alpha``, default 0.5, ``pai_mode`` ``"logits"``, the default, or
+    ``"weights"``); an option of the other strategy is refused. ``layers`` restricts it to some
     layer indices; ``rows="all"`` applies it to every query row instead of the response rows; ``record=True`` fills
     ``.diagnostics`` for every response row, step by step (step 0: the first response token).
 
@@ -777,11 +778,18 @@ def attention_reallocation(
         raise ValueError("strategy='none' changes no attention: call the model outside attention_reallocation.")
     if strategy is Strategy.AR_GATE:  # AR with the conflict gate
         strategy, gate = Strategy.AR, "conflict" if gate is None else gate
+    other = {"tau": tau} if strategy is Strategy.PAI else {"alpha": alpha, "pai_mode": pai_mode}
+    unused = [name for name, value in other.items() if value is not None]
+    if unused:
+        raise ValueError(
+            f"{' and '.join(unused)} {'does' if len(unused) == 1 else 'do'} not apply to strategy={strategy.value!r} "
+            "(tau is AR's threshold; alpha and pai_mode are PAI's): leave them out."
+        )
     settings = ReallocationSettings(
         strategy=strategy,
-        tau=check_tau(tau),
-        alpha=check_alpha(alpha),
-        pai_mode=PaiMode.parse(pai_mode),
+        tau=check_tau(1.0 if tau is None else tau),
+        alpha=check_alpha(0.5 if alpha is None else alpha),
+        pai_mode=PaiMode.parse(PaiMode.LOGITS if pai_mode is None else pai_mode),
         rows=_choice(rows, ROW_MODES, "rows"),
         layers=_check_layers(layers, num_layers),
         gate=_check_gate(gate, gate_labels, gate_threshold, strategy, target),

@@ -5,7 +5,7 @@ Command line (writes ``diagnostics.json``, ``uap_per_layer.png`` and one ``token
 sample)::
 
     python -m peft_mose.attention.plot MODEL_DIR BATCH_FILE --out plots/ [--adapter ADAPTER_DIR]
-        [--strategy ar|pai] [--tau 1.0] [--alpha 0.5] [--pai-mode logits|weights] [--layers 8:24]
+        [--strategy ar [--tau 1.0] | --strategy pai [--alpha 0.5] [--pai-mode logits|weights]] [--layers 8:24]
         [--step N|emotion] [--max-new-tokens 64] [--tokenizer DIR]
         [--gate conflict --gate-labels mer2023|dfew|merr|WORD,WORD,...|ID,ID,... [--gate-threshold 0.05]]
 
@@ -336,9 +336,9 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--adapter", help="PEFT adapter directory (e.g. a saved MoSE adapter) to load on the model")
     parser.add_argument("--strategy", default="ar", choices=["ar", "pai"])
-    parser.add_argument("--tau", type=float, default=1.0)
-    parser.add_argument("--alpha", type=float, default=0.5)
-    parser.add_argument("--pai-mode", default="logits", choices=["logits", "weights"])
+    parser.add_argument("--tau", type=float, help="AR's threshold (default 1)")
+    parser.add_argument("--alpha", type=float, help="PAI's factor (default 0.5)")
+    parser.add_argument("--pai-mode", choices=["logits", "weights"], help="PAI's mode (default logits)")
     parser.add_argument("--layers", help="layers to intervene on: 'start:stop' or 'i,j,k' (default all)")
     parser.add_argument("--token-layers", help="layers averaged in the per-token plot (default the middle half)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])

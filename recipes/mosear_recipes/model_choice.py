@@ -161,8 +161,8 @@ class Reallocation:
         if not strategy.reallocates:
             return None
         base = Strategy.AR if strategy.gated else strategy
-        options = {"tau": self.tau, "strategy": base.value, "alpha": self.alpha, "pai_mode": self.pai_mode.value,
-                   "layers": list(self.layers) if self.layers is not None else None}  # fmt: skip
+        own = {"tau": self.tau} if base is Strategy.AR else {"alpha": self.alpha, "pai_mode": self.pai_mode.value}
+        options = {"strategy": base.value, **own, "layers": list(self.layers) if self.layers is not None else None}
         if strategy.gated:
             if gate is None:
                 raise ValueError(f"Strategy {strategy.value!r} needs the gate's options (gate_labels, gate_threshold).")
