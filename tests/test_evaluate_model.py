@@ -67,10 +67,11 @@ def _base_args(tiny, out: Path, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def recognition_run(tiny, checkpoint, tmp_path_factory) -> Path:
-    """The base model's recognition evaluation, with and without AR."""
+    """The base model's recognition evaluation, with and without AR (AR asked first: it is still compared with the
+    plain model's answers, generated first)."""
     out = tmp_path_factory.mktemp("recognition")
     argv = _base_args(tiny, out, "--projector_checkpoint", str(checkpoint), "--scoring", "recognition",
-                      "--strategies", "none,ar", "--tau", "0", "--max_new_tokens", "3")  # fmt: skip
+                      "--strategies", "ar,none", "--tau", "0", "--max_new_tokens", "3")  # fmt: skip
     assert evaluate_cli.main(argv) == 0
     return out
 
@@ -141,7 +142,7 @@ def test_base_model_rows_predictions_and_rescoring(tiny, recognition_run):
     out = recognition_run
     table = (out / "scores.md").read_text()
     scores, trade_off = table.split("\nAnswers changed against the plain model")
-    assert "| Emotion-LLaMA |" in scores and "| Emotion-LLaMA + AR |" in scores and scores.count("\n") == 4
+    assert scores.index("| Emotion-LLaMA + AR |") < scores.index("| Emotion-LLaMA |") and scores.count("\n") == 4
     assert trade_off.count("| Emotion-LLaMA + AR |") == 1  # the trade-off table: AR's row against the plain model
     names = [a.name for a in read_annotations(tiny.data.test_txt)]
     references = _read_jsonl(out / "references.jsonl")
@@ -150,16 +151,17 @@ def test_base_model_rows_predictions_and_rescoring(tiny, recognition_run):
         assert [p["id"] for p in _read_jsonl(out / f"predictions_{strategy}.jsonl")] == names
         assert (out / strategy / "scores.png").stat().st_size > 0
     summary = json.loads((out / "scores.json").read_text())
-    assert [(row["name"], row["strategy"]) for row in summary] == [("Emotion-LLaMA", "none"),
-                                                                  ("Emotion-LLaMA + AR", "ar")]  # fmt: skip
-    assert summary[1]["settings"]["generation"]["tau"] == 0.0 and (out / "scores.png").stat().st_size > 0
+    assert [(row["name"], row["strategy"]) for row in summary] == [("Emotion-LLaMA + AR", "ar"),
+                                                                  ("Emotion-LLaMA", "none")]  # fmt: skip
+    assert summary[0]["settings"]["generation"]["tau"] == 0.0 and (out / "scores.png").stat().st_size > 0
+    assert summary[0]["trade_off"]["changed_vs_none"]
     # Scoring mode on the written files gives the same scores.
     rescored = out / "rescored"
     argv = ["--scoring", "recognition", "--predictions", str(out / "predictions_ar.jsonl"),
             "--references", str(out / "references.jsonl"), "--out_dir", str(rescored)]  # fmt: skip
     assert evaluate_cli.main(argv) == 0
     again = json.loads((rescored / "scores.json").read_text())
-    assert (again["scores"], again["gap"]) == (summary[1]["scores"], summary[1]["gap"])
+    assert (again["scores"], again["gap"]) == (summary[0]["scores"], summary[0]["gap"])
 
 
 def test_reasoning_with_the_base_model_scores_each_subset(tiny, weights, tmp_path, capsys):

@@ -48,6 +48,7 @@ def test_text_without_sentence_punctuation_is_one_sentence():
         ("She is not happy.", []),
         ("There is no anger or sadness, only joy.", ["joy"]),
         ("He doesn\u2019t look sad; he looks calm.", ["calm"]),
+        ("She isn\u02bct happy, she isn\u2018t sad, he isn`t angry.", []),
         ("The tone is neutral rather than happy.", ["neutral"]),
         ("Without a doubt, she is happy.", ["happy"]),
         ("A lack of visible fear, but clear surprise.", ["surprise"]),

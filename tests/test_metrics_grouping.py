@@ -15,6 +15,7 @@ from peft_mose.metrics import (
     SynonymTable,
     load_grouping,
     normalize_word,
+    sample_set_scores,
     set_level_scores,
 )
 
@@ -61,6 +62,13 @@ def test_normalize_word():
     assert normalize_word("  Very   HAPPY!! ") == "very happy"
     assert normalize_word("'sad'") == "sad"
     assert normalize_word("isn\u2019t") == "isn't"
+
+
+@pytest.mark.parametrize("word", ["\u201chappy\u201d", "happy\u3002", "\u00abhappy\u00bb", "happy\u200b", "\uff08happy\uff09",
+                                  "happy\u2026", "\u2018happy\u2019", "\uff28\uff41\uff50\uff50\uff59"])
+def test_unicode_punctuation_and_invisible_characters_are_stripped(word):
+    assert normalize_word(word) == "happy"
+    assert sample_set_scores([word], ["happy"]) == (1.0, 1.0)
 
 
 def test_table_rejects_a_word_in_two_groups_and_chains():

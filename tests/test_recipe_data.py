@@ -19,6 +19,7 @@ from mosear_recipes.emotion_llama.prompt import PromptEncoder
 from mosear_recipes.merr.collator import MERRCollator
 from mosear_recipes.merr.dataset import MERRDataset
 from mosear_recipes.merr.readers import SampleError, read_annotations, read_captions, read_subtitles
+from mosear_recipes.merr.references import read_subsets
 from mosear_recipes.merr.sampler import SingleTaskBatchSampler
 from mosear_recipes.merr.synthetic import LABELS, read_synthetic_subsets, write_synthetic_merr
 from mosear_recipes.merr.tasks import EMOTION_INSTRUCTIONS, REASON_INSTRUCTIONS, normalize_answer, parse_tasks
@@ -297,3 +298,10 @@ def test_synthetic_files_read_as_real_merr(tiny):
     assert len(fine) == 24 and len(test) == 12
     assert fine[(0, "reason_v2", 0)].answer.endswith(fine.records[0].label)
     assert json.loads((data.root / "feature_spec.json").read_text())["eva_dim"] == 8
+
+
+def test_a_subsets_file_listing_a_sample_twice_is_refused_naming_both_lines(tmp_path):
+    path = tmp_path / "subsets.csv"
+    path.write_text("name,subset\ns1,consistent\ns2,audio_aligned\ns1,video_aligned\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"subsets.csv:4: sample 's1' is listed again \(first on line 2\)"):
+        read_subsets(path)

@@ -74,7 +74,8 @@ def assign_subsets(samples: Iterable[Mapping[str, str]], grouping: Grouping | No
     """Stage 2 of CA-MER construction over records ``{"id", "audio", "visual", "multimodal"}`` (labels per modality)."""
     votes: dict[str, SubsetVote] = {}
     for position, sample in enumerate(samples):
-        missing = [k for k in ("id", "audio", "visual", "multimodal") if not normalize_word(str(sample.get(k) or ""))]
+        missing = [k for k in ("id", "audio", "visual", "multimodal")
+                   if sample.get(k) is None or not normalize_word(str(sample[k]))]
         if missing:
             raise ValueError(f"Sample at position {position} has no {', '.join(missing)}: {dict(sample)!r}.")
         sample_id = str(sample["id"])

@@ -17,7 +17,7 @@ import re
 from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import Literal, NamedTuple
 
-from .grouping import DEFAULT_GROUPING, Grouping, SynonymTable, normalize_word
+from .grouping import APOSTROPHES, DEFAULT_GROUPING, Grouping, SynonymTable, normalize_word
 from .lemmas import lemmatize
 from .recognition import resolve_labels
 
@@ -63,7 +63,7 @@ def emotion_mentions(text: str, vocabulary: Collection[str] | None = None) -> li
     """Every non-negated emotion word of ``text`` (``vocabulary``: lower-case words, default the default grouping's)
     in reading order, inflected forms as their vocabulary word."""
     vocab = DEFAULT_GROUPING.vocabulary if vocabulary is None else vocabulary
-    text = text.replace("\u2019", "'")  # same length: the offsets stay those of the caller's text
+    text = text.translate(APOSTROPHES)  # one character for one: the offsets stay those of the caller's text
     mentions = []
     for sentence, (start, end) in enumerate(_pieces(_SENTENCE_END, text, 0, len(text))):
         for clause_start, clause_end in _pieces(_CLAUSE_END, text, start, end):

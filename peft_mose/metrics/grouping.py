@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import string
+import unicodedata
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -99,11 +100,25 @@ _DEFAULT_GROUPS: dict[str, tuple[str, ...]] = {
 }
 
 _STRIP = string.punctuation + string.whitespace
+APOSTROPHES = str.maketrans(dict.fromkeys("\u2019\u2018\u02bc\uff07\u0060\u00b4", "'"))
+"""Apostrophe look-alikes to ``'``, one character for one (offsets into a text stay valid)."""
 
 
 def normalize_word(word: str) -> str:
-    """Lowercase, collapse inner whitespace and strip surrounding punctuation: ``" Happy. "`` -> ``"happy"``."""
-    return " ".join(word.lower().replace("\u2019", "'").split()).strip(_STRIP)
+    """Lowercase, collapse inner whitespace and strip surrounding punctuation, Unicode's included (quotes, ``。``,
+    ``«»``), and invisible format characters (zero-width space): ``" “Happy.” "`` -> ``"happy"``."""
+    text = "".join(c for c in unicodedata.normalize("NFKC", word) if unicodedata.category(c) != "Cf")
+    text = " ".join(text.lower().translate(APOSTROPHES).split())
+    start, end = 0, len(text)
+    while start < end and _stripped(text[start]):
+        start += 1
+    while end > start and _stripped(text[end - 1]):
+        end -= 1
+    return text[start:end]
+
+
+def _stripped(char: str) -> bool:
+    return char in _STRIP or unicodedata.category(char).startswith("P")
 
 
 class SynonymTable:

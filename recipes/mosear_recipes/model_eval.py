@@ -212,7 +212,8 @@ def evaluate_model(config: ModelEvalConfig) -> list[tuple[str, Mapping[str, obje
     if any(strategy.gated for strategy in strategies):
         gate = {"gate_labels": label_token_ids(encoder.tokenizer, config.scoring.labels),
                 "gate_threshold": config.gate_threshold}  # fmt: skip
-    for strategy in strategies:
+    # the plain model's answers first: the other strategies' answers are compared with them (trade_off)
+    for strategy in sorted(strategies, key=lambda s: s is not Strategy.NONE):
         gated: dict[str, bool] = {}
         with torch.no_grad():
             predictions = generate_predictions(
@@ -235,6 +236,9 @@ def evaluate_model(config: ModelEvalConfig) -> list[tuple[str, Mapping[str, obje
         if strategy.reallocates:
             entry["trade_off"] = trade_off(references, predictions, answers.get(Strategy.NONE), gated)
         summary.append(entry)
+    asked = [prefix + ROW_SUFFIXES[strategy] for strategy in strategies]
+    rows.sort(key=lambda row: asked.index(row[0]))
+    summary.sort(key=lambda entry: asked.index(entry["name"]))
     table = markdown_table(rows)
     trade_offs = trade_off_table(summary)
     if trade_offs:

@@ -27,8 +27,12 @@ def read_subsets(path: str | Path) -> dict[str, str]:
         reader = csv.DictReader(handle)
         if not {"name", "subset"} <= set(reader.fieldnames or ()):
             raise ValueError(f"Subsets file {path} needs the columns 'name' and 'subset'; it has {reader.fieldnames}.")
-        subsets = {}
+        subsets, lines = {}, {}
         for line, row in enumerate(reader, start=2):
+            if row["name"] in lines:
+                raise ValueError(f"{path}:{line}: sample {row['name']!r} is listed again (first on line "
+                                 f"{lines[row['name']]}); list each sample once.")
+            lines[row["name"]] = line
             try:
                 subsets[row["name"]] = normalize_subset(row["subset"] or "")
             except ValueError as error:
