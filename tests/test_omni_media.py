@@ -80,6 +80,7 @@ def test_manifest_csv_and_jsonl_resolve_relative_paths(tmp_path):
         ("id,video,target,subset\na,a.mp4,x,odd\n", "m.csv:2 (id 'a'): Unknown CA-MER subset 'odd'"),
         ("id,video,target,subset\na,a.mp4,x,consistent\nb,b.mp4,y,\n", "m.csv:3 (id 'b'): some clips have a 'subset'"),
         ("id,video,target\n", "is empty"),
+        ("id,video,target\na,a.mp4,happy, then calm\n", "m.csv:2: 1 value(s) more than the header has fields"),
     ],
 )
 def test_manifest_errors_name_file_and_line(tmp_path, text, message):
@@ -145,6 +146,79 @@ def test_bad_media_errors_name_the_file(media, tmp_path):
         with pytest.raises(MediaError) as error:
             call()
         assert error.value.path == path and problem in str(error.value) and str(path) in str(error.value)
+
+
+def _write_video(path, frames: np.ndarray, first_pts: int = 0, **container) -> Path:
+    """MPEG-4 Part 2 at 10 fps, frame i stamped ``first_pts + i`` tenths of a second."""
+    import fractions
+
+    import av
+
+    with av.open(str(path), "w", **container) as out:
+        stream = out.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        for i, image in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame.pts, frame.time_base = first_pts + i, fractions.Fraction(1, 10)
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode())
+    return path
+
+
+def _columns(frames) -> list[int]:
+    return frames.pixels[:, 16, :, 0].astype(int).argmax(axis=1).tolist()
+
+
+@pytest.mark.parametrize("name", ["late.mp4", "late.mkv"])
+def test_a_video_whose_stamps_start_late_is_sampled_from_its_first_frame(tmp_path, name):
+    frames = read_frames(_write_video(tmp_path / name, moving_frames(20), first_pts=14), fps=2.0, max_frames=16)
+    assert _columns(frames) == [0, 5, 10, 15] and frames.times == pytest.approx((0.0, 0.5, 1.0, 1.5))
+
+
+def test_the_rate_is_the_frames_spacing_and_mpeg_ts_without_an_average_rate_keeps_its_last_frame(tmp_path):
+    odd = read_frames(_write_video(tmp_path / "odd.mp4", moving_frames(24)), fps=2.0, max_frames=16)  # 2.4 s
+    assert _columns(odd) == [0, 5, 10, 15] and odd.fps == pytest.approx(2.0)  # not 4 frames / 2.4 s
+    ts = read_frames(_write_video(tmp_path / "clip.ts", moving_frames(20), format="mpegts"), fps=2.0, max_frames=16)
+    assert ts.duration == pytest.approx(2.0) and _columns(ts) == [0, 5, 10, 15] and ts.fps == pytest.approx(2.0)
+
+
+def test_a_video_cut_short_is_refused(tmp_path):
+    whole = _write_video(tmp_path / "whole.mp4", moving_frames(40), options={"movflags": "faststart"})
+    assert len(read_frames(whole, fps=2.0, max_frames=16).pixels) == 8
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(whole.read_bytes()[: int(whole.stat().st_size * 0.6)])
+    with pytest.raises(MediaError, match=r"cut.mp4: the video's frames end at .* of the 4.00 s it declares"):
+        read_frames(cut, fps=2.0, max_frames=16)
+
+
+def test_channels_are_averaged_not_summed(tmp_path):
+    left, right = tone(1.0), tone(1.0, hz=220.0)
+    path = tmp_path / "stereo.wav"
+    soundfile.write(path, np.stack([left, right], axis=1), RATE)
+    audio = read_audio(path, RATE, 30.0)
+    np.testing.assert_allclose(audio.samples, (left + right) / 2, atol=1e-4)
+
+
+def test_audio_too_short_for_one_token_is_refused_naming_the_clip(tiny, tmp_path):
+    from mosear_recipes.omni.data import MediaOptions, clip_media
+    from mosear_recipes.omni.manifest import ClipRecord
+
+    short = tmp_path / "short.wav"
+    soundfile.write(short, tone(0.02), RATE)
+    record = ClipRecord("b", None, short, None, None, None, tmp_path / "train.csv", 3)
+    with pytest.raises(MediaError, match=r"short.wav: 20 ms of audio is too short .* \[.*train.csv:3 \(id 'b'\)\]"):
+        clip_media(record, tiny.encoder, MediaOptions())
+    soundfile.write(short, tone(0.2), RATE)
+    assert tiny.encoder.audio_tokens(clip_media(record, tiny.encoder, MediaOptions()).audio) > 0
+
+
+def test_a_processor_refusal_names_the_manifest_line(tiny, tmp_path):
+    from mosear_recipes.omni.data import ClipDataset, MediaOptions
+
+    _write_video(tmp_path / "wide.mp4", np.zeros((10, 2, 500, 3), np.uint8))
+    (tmp_path / "m.csv").write_text("id,video,target\nw,wide.mp4,happy\n")
+    with pytest.raises(ValueError, match=r"m.csv:2 \(id 'w'\): absolute aspect ratio must be smaller than 200"):
+        ClipDataset(tmp_path / "m.csv", tiny.encoder, MediaOptions(audio="none"))
 
 
 # --- layout and token counts --------------------------------------------------------------------------------------

@@ -94,7 +94,7 @@ def test_infer_answers_under_each_strategy(run, clips, strategy, capsys):
             "--max_new_tokens", "3", "--gate_labels", "happy,sad,angry", "--verbose"]  # fmt: skip
     text = infer_main(argv)
     printed = capsys.readouterr().out
-    assert printed.splitlines()[-1] == f"{strategy}: {text}" and text
+    assert printed.splitlines()[-1] == f"{strategy}: {text}"  # the tiny random model may answer only special tokens
     assert "32 visual tokens, 51 audio tokens (interleaved)" in printed
     assert printed.count("λ model.language_model.layers.") == 4
 
@@ -143,6 +143,24 @@ def test_bad_media_are_refused_before_anything_is_written(run, clips, tmp_path):
         assert not target.exists()
 
 
+def test_clips_that_cannot_share_a_batch_and_bad_evaluation_labels_are_refused_before_training(run, clips, tmp_path):
+    model = run[0] / "tiny" / "model"
+    rows = [{"id": "c1", "video": str(clips["both"]), "target": "happy"},
+            {"id": "c2", "video": str(clips["silent"]), "target": "sad"}]  # fmt: skip
+    manifest = tmp_path / "train.jsonl"
+    manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    target = tmp_path / "run"
+    common = ["--model_name_or_path", str(model), "--train_manifest", str(manifest), "--output_dir", str(target),
+              "--audio", "optional"]  # fmt: skip
+    with pytest.raises(ValueError, match=r"train.jsonl: clips whose audio is interleaved .* \(e\.g\. 'c2'\) cannot share"):
+        finetune_main([*common, "--per_device_train_batch_size", "2"])
+    evaluation = tmp_path / "eval.jsonl"
+    evaluation.write_text(json.dumps({"id": "e1", "video": str(clips["both"]), "label": "fear"}) + "\n")
+    with pytest.raises(ValueError, match=r"eval.jsonl:1 \(id 'e1'\): label 'fear' is not in the label set"):
+        finetune_main([*common, "--eval_manifest", str(evaluation)])
+    assert not target.exists()
+
+
 def test_evaluate_scores_a_manifest_under_each_strategy(run, tmp_path, capsys):
     out, _ = run
     manifest = out / "tiny" / "data" / "train.jsonl"
@@ -186,3 +204,14 @@ def test_a_missing_model_folder_is_named_before_anything_is_written(tmp_path):
         finetune_main(["--model_name_or_path", "/nonexistent/omni", "--train_manifest", str(tmp_path / "m.csv"),
                        "--output_dir", str(tmp_path / "run")])  # fmt: skip
     assert not (tmp_path / "run").exists()
+
+
+def test_infer_reads_clips_as_a_run_without_audio_was_trained(tmp_path_factory, clips, capsys):
+    out = tmp_path_factory.mktemp("omni_no_audio") / "run"
+    finetune_main(["--output_dir", str(out), "--audio", "none", "--num_train_epochs", "1", "--max_steps", "1"])
+    capsys.readouterr()
+    infer_main(["--run_dir", str(out), "--video", str(clips["both"]), "--max_new_tokens", "2", "--verbose"])
+    assert "32 visual tokens, 0 audio tokens" in capsys.readouterr().out  # the clip's audio track is left out
+    with pytest.raises(SystemExit) as exit_:
+        infer_main(["--run_dir", str(out), "--video", str(clips["both"]), "--audio", str(clips["both"])])
+    assert exit_.value.code == 2 and "was trained with --audio none" in capsys.readouterr().err

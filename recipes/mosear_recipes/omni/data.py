@@ -44,6 +44,9 @@ def clip_media(record: ClipRecord, encoder: OmniEncoder, options: MediaOptions) 
                 source = None
             if source is not None:
                 audio = read_audio(source, encoder.sampling_rate, limit)
+                if encoder.audio_tokens(audio) == 0:
+                    raise MediaError(source, f"{1000 * audio.seconds:.0f} ms of audio is too short to give the model "
+                                             "a single audio token")
     except MediaError as error:
         raise MediaError(error.path, f"{error.problem} [{record.where}]") from None
     if frames is None and audio is None:
@@ -52,17 +55,20 @@ def clip_media(record: ClipRecord, encoder: OmniEncoder, options: MediaOptions) 
 
 
 class ClipDataset(Dataset):
-    """The clips of ``manifest``, checked and counted at construction; items are :class:`EncodedClip`."""
+    """The clips of ``manifest``, checked and counted at construction (``counts``: visual and audio tokens per clip id;
+    ``interleaved``: whether its audio is interleaved with its video); items are :class:`EncodedClip`."""
 
     def __init__(self, manifest: str | Path, encoder: OmniEncoder, options: MediaOptions, need_target: bool = True):
         self.records = read_manifest(manifest, need_target)
         self.encoder = encoder
         self.options = options
         self.counts: dict[str, tuple[int, int]] = {}
+        self.interleaved: dict[str, bool] = {}
         without_audio = 0
         for record in self.records:
             clip = self._encode(record)
             self.counts[record.id] = (clip.visual_tokens, clip.audio_tokens)
+            self.interleaved[record.id] = clip.use_audio_in_video
             without_audio += clip.audio_tokens == 0
             logger.info("clip %s: %d visual and %d audio tokens (%s)", record.id, clip.visual_tokens, clip.audio_tokens,
                         ratio(clip.visual_tokens, clip.audio_tokens))  # fmt: skip
@@ -73,7 +79,11 @@ class ClipDataset(Dataset):
                     f"; {without_audio} without audio" if without_audio else "")  # fmt: skip
 
     def _encode(self, record: ClipRecord) -> EncodedClip:
-        return self.encoder.encode(clip_media(record, self.encoder, self.options), record.target)
+        media = clip_media(record, self.encoder, self.options)
+        try:
+            return self.encoder.encode(media, record.target)
+        except ValueError as error:  # the processors' refusals (e.g. a frame's aspect ratio) name no file
+            raise ValueError(f"{record.where}: {error}") from error
 
     def __len__(self) -> int:
         return len(self.records)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from peft_mose.metrics import normalize_word
 from ..scoring import Reference, ScoringConfig, markdown_table, score, warn_skipped, write_report
 from .data import ClipDataset
 from .inputs import EncodedClip, OmniEncoder, collate
+from .manifest import ClipRecord
 
 logger = logging.getLogger(__name__)
 
@@ -45,21 +46,27 @@ def answer(model: nn.Module, encoder: OmniEncoder, clip: EncodedClip, max_new_to
     return text.strip(), log
 
 
-def evaluate_clips(model: nn.Module, dataset: ClipDataset, scoring: ScoringConfig, max_new_tokens: int, out_dir: Path,
-                   is_main: bool = True, reallocation: Mapping[str, Any] | None = None,
-                   name: str = "MoSE") -> dict | None:  # fmt: skip
-    """Recognition scores (``scoring``: labels and parser) of ``dataset``'s clips (each needs a ``label``), by subset
-    when they have one; the report (scores.json, scores.md, per_sample.jsonl, scores.png) written to ``out_dir`` by
-    the main process."""
-    label_set = scoring.labels
+def clip_references(records: Sequence[ClipRecord], label_set: Sequence[str]) -> list[Reference]:
+    """The reference label of each clip; an error naming the manifest line of a clip without a label or with one
+    outside ``label_set`` (checked before training, so a bad evaluation manifest costs no run)."""
     references = []
-    for record in dataset.records:
+    for record in records:
         if record.label is None:
             raise ValueError(f"{record.where}: no 'label' to score the answer against.")
         label = normalize_word(record.label)
         if label not in label_set:
             raise ValueError(f"{record.where}: label {record.label!r} is not in the label set {list(label_set)}.")
         references.append(Reference(record.id, label=label, subset=record.subset))
+    return references
+
+
+def evaluate_clips(model: nn.Module, dataset: ClipDataset, scoring: ScoringConfig, max_new_tokens: int, out_dir: Path,
+                   is_main: bool = True, reallocation: Mapping[str, Any] | None = None,
+                   name: str = "MoSE") -> dict | None:  # fmt: skip
+    """Recognition scores (``scoring``: labels and parser) of ``dataset``'s clips (each needs a ``label``), by subset
+    when they have one; the report (scores.json, scores.md, per_sample.jsonl, scores.png) written to ``out_dir`` by
+    the main process."""
+    references = clip_references(dataset.records, scoring.labels)
     model.eval()
     predictions = {record.id: answer(model, dataset.encoder, dataset[i], max_new_tokens, reallocation)[0]
                    for i, record in enumerate(dataset.records)}  # fmt: skip

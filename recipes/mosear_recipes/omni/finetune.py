@@ -27,7 +27,7 @@ from ..run_folder import check_resume_agrees, claimed_run_folder, start_run
 from ..scoring import ScoringConfig
 from .arguments import OmniConfig, check_omni_args, parse_omni_args
 from .data import ClipDataset, MediaOptions
-from .evaluation import evaluate_clips
+from .evaluation import clip_references, evaluate_clips
 from .inputs import DEFAULT_QUESTION, DEFAULT_SYSTEM, OmniEncoder, collate
 from .model import OMNI_MODEL_FILES, load_thinker
 from .run_config import RESUME_ARGUMENTS, OmniRunConfig
@@ -67,7 +67,18 @@ def open_inputs(config: OmniConfig, model_path: Path, train_manifest: Path, eval
                                           question=data.question or DEFAULT_QUESTION, system_prompt=system)  # fmt: skip
     options = media_options(config)
     train = ClipDataset(train_manifest, encoder, options)
-    evaluation = ClipDataset(eval_manifest, encoder, options, need_target=False) if eval_manifest else None
+    interleaved = {clip: flag for clip, flag in train.interleaved.items() if flag}
+    if config.training.per_device_train_batch_size > 1 and 0 < len(interleaved) < len(train.interleaved):
+        alone = next(clip for clip in train.interleaved if clip not in interleaved)
+        raise ValueError(
+            f"{train_manifest}: clips whose audio is interleaved with their video and clips where it is not (e.g. "
+            f"{alone!r}) cannot share a batch: train with --per_device_train_batch_size 1, or give every clip the "
+            "same media."
+        )
+    evaluation = None
+    if eval_manifest:
+        evaluation = ClipDataset(eval_manifest, encoder, options, need_target=False)
+        clip_references(evaluation.records, resolve_labels(data.eval_labels))
     return Inputs(model_path, encoder, train, evaluation, options)
 
 

@@ -58,7 +58,9 @@ def infer(args: argparse.Namespace) -> str:
         encoder = OmniEncoder.from_pretrained(args.model_name_or_path, model.config, question=DEFAULT_QUESTION,
                                               system_prompt=DEFAULT_SYSTEM)  # fmt: skip
         options = MediaOptions()
-    mode = "none" if args.no_audio else ("required" if args.audio else "optional")
+    if options.audio == "none" and args.audio:  # the run's own choice, which --no_audio only repeats
+        raise ValueError(f"{args.run_dir} was trained with --audio none: it has never seen audio; leave out --audio.")
+    mode = "none" if args.no_audio or options.audio == "none" else ("required" if args.audio else "optional")
     options = MediaOptions(options.fps, options.max_frames, options.max_audio_seconds, mode, options.use_audio_in_video)
     record = ClipRecord("clip", args.video.resolve() if args.video else None,
                         args.audio.resolve() if args.audio else None, None, None, None, Path("<command line>"), 0)  # fmt: skip

@@ -150,6 +150,10 @@ class OmniEncoder:
         return (f"{IM_START}system\n{self.system_prompt}{IM_END}\n{IM_START}user\n{''.join(parts)}{self.question}"
                 f"{IM_END}\n{IM_START}assistant\n")  # fmt: skip
 
+    def audio_tokens(self, audio: Audio) -> int:
+        """How many audio placeholders ``audio`` becomes (0 for a clip shorter than about 40 ms)."""
+        return audio_token_count(int(self._audio_features(audio)["feature_attention_mask"].sum()))
+
     def _audio_features(self, audio: Audio) -> dict[str, torch.Tensor]:
         features = self.feature_extractor(
             audio.samples, sampling_rate=self.sampling_rate, padding="max_length", return_attention_mask=True,

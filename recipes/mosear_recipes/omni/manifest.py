@@ -47,7 +47,13 @@ def _rows(path: Path) -> list[tuple[int, dict]]:
     unknown = [name for name in header if name not in FIELDS]
     if "id" not in header or unknown:
         raise ValueError(f"{path}: the header must name 'id' and only the fields {list(FIELDS)}; it has {header}.")
-    rows = [(reader.line_num, {k: v for k, v in row.items() if v not in (None, "")}) for row in reader]
+    rows = []
+    for row in reader:
+        extra = row.pop(None, None)  # csv's key for values past the header's fields
+        if extra:
+            raise ValueError(f"{path}:{reader.line_num}: {len(extra)} value(s) more than the header has fields "
+                             f"({extra}): put a value that holds a comma in double quotes.")
+        rows.append((reader.line_num, {k: v for k, v in row.items() if v not in (None, "")}))
     if not rows:
         raise ValueError(f"{path} is empty: it holds no clips.")
     return rows

@@ -15,6 +15,9 @@ logger = logging.getLogger(__name__)
 MIN_SAMPLE_RATE = 4000
 """Source audio below this rate (Hz) is refused: it holds nothing a 16 kHz speech feature extractor can use, and
 resampling it up would only invent samples."""
+TRUNCATION_TOLERANCE = (0.5, 0.1)
+"""A video stream whose frames end more than this many seconds, or this share, before its declared duration is
+refused as truncated."""
 
 
 class MediaError(ValueError):
@@ -36,7 +39,8 @@ def _av():
 
 @dataclass(frozen=True)
 class Frames:
-    """Frames sampled from a video: ``[T, H, W, 3]`` uint8 RGB, their times (s) and the rate they were sampled at."""
+    """Frames sampled from a video: ``[T, H, W, 3]`` uint8 RGB, their times (s, from the stream's first frame) and
+    the rate they were sampled at (one over their spacing)."""
 
     pixels: np.ndarray
     times: tuple[float, ...]
@@ -91,8 +95,10 @@ def read_frames(path: str | Path, fps: float, max_frames: int) -> Frames:
             raise MediaError(path, f"corrupt video stream: {error}") from None
         if not stamps:
             raise MediaError(path, "the video stream holds no frames")
-        step = float(1 / stream.average_rate) if stream.average_rate else 0.0
-        duration = float(max(stamps) - min(stamps)) + step
+        start = float(min(stamps))
+        step = _frame_step(stream, sorted(stamps))
+        duration = float(max(stamps)) - start + step
+        _check_complete(path, container, stream, start + duration)
         wanted = sample_times(duration, fps, max_frames)
         container.seek(0)
         kept: list[np.ndarray] = []
@@ -101,7 +107,7 @@ def read_frames(path: str | Path, fps: float, max_frames: int) -> Frames:
         try:
             for frame in container.decode(stream):
                 count += 1
-                time = float(frame.time) if frame.time is not None else (count - 1) * step
+                time = (float(frame.time) - start) if frame.time is not None else (count - 1) * step
                 while len(kept) < len(wanted) and time + 1e-6 >= wanted[len(kept)]:
                     kept.append(frame.to_ndarray(format="rgb24"))
                     kept_times.append(time)
@@ -113,8 +119,32 @@ def read_frames(path: str | Path, fps: float, max_frames: int) -> Frames:
         while len(kept) < len(wanted):  # times past the last decoded frame
             kept.append(last.to_ndarray(format="rgb24"))
             kept_times.append(time)
-    effective = len(kept) / duration if duration > 0 else fps
-    return Frames(np.stack(kept), tuple(kept_times), effective, duration, count)
+    rate = 1 / float(wanted[1] - wanted[0]) if len(wanted) > 1 else fps
+    return Frames(np.stack(kept), tuple(kept_times), rate, duration, count)
+
+
+def _frame_step(stream, stamps: list) -> float:
+    """Seconds per frame: from the stream's frame rate, else (MPEG-TS has no average) the median gap of its stamps."""
+    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    if rate:
+        return float(1 / rate)
+    gaps = np.diff(np.array(stamps, dtype=np.float64))
+    return float(np.median(gaps[gaps > 0])) if (gaps > 0).any() else 0.0
+
+
+def _check_complete(path: Path, container, stream, end: float) -> None:
+    """:class:`MediaError` when the frames end (``end``, s on the stream's clock) well before the duration the stream
+    or container declares (a file cut short: a partial download or copy)."""
+    if stream.duration is not None and stream.time_base is not None:
+        declared = float(stream.duration * stream.time_base)
+    elif container.duration is not None:
+        declared = container.duration / 1_000_000  # microseconds (AV_TIME_BASE)
+    else:
+        return
+    seconds, share = TRUNCATION_TOLERANCE
+    if declared - end > max(seconds, share * declared):
+        raise MediaError(path, f"the video's frames end at {end:.2f} s of the {declared:.2f} s it declares "
+                               "(truncated file?)")
 
 
 def _first_stream(container, kind: str, path: Path):
@@ -134,8 +164,9 @@ def has_audio_stream(path: str | Path) -> bool:
 
 
 def read_audio(path: str | Path, sampling_rate: int, max_seconds: float) -> Audio:
-    """Decode the first audio stream of ``path`` (a .wav, or a video's track), mixed to mono and resampled to
-    ``sampling_rate`` by FFmpeg's resampler; longer than ``max_seconds``: cut there (logged)."""
+    """Decode the first audio stream of ``path`` (a .wav, or a video's track), resampled to ``sampling_rate`` by
+    FFmpeg's resampler and mixed to mono as the mean of its channels (as transformers' ``load_audio`` does: FFmpeg's
+    own mono downmix adds them up); longer than ``max_seconds``: cut there (logged)."""
     av = _av()
     path = Path(path)
     with _open(path) as container:
@@ -146,12 +177,12 @@ def read_audio(path: str | Path, sampling_rate: int, max_seconds: float) -> Audi
                 path, f"sample rate {source_rate} Hz cannot be resampled to {sampling_rate} Hz usefully (at least "
                 f"{MIN_SAMPLE_RATE} Hz is needed)"
             )  # fmt: skip
-        resampler = av.AudioResampler(format="flt", layout="mono", rate=sampling_rate)
+        resampler = av.AudioResampler(format="fltp", rate=sampling_rate)  # planar: [channels, samples]
         chunks = []
         try:
             for frame in container.decode(stream):
-                chunks += [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
-            chunks += [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]
+                chunks += [f.to_ndarray().mean(axis=0) for f in resampler.resample(frame)]
+            chunks += [f.to_ndarray().mean(axis=0) for f in resampler.resample(None)]
         except av.FFmpegError as error:
             raise MediaError(path, f"audio cannot be decoded or resampled to {sampling_rate} Hz: {error}") from None
     samples = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
