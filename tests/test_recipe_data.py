@@ -58,9 +58,47 @@ def test_read_captions_and_missing_field(tmp_path, small):
     fine = read_captions(small.fine_json, "smp_reason_caption")
     assert fine["sample_00000000"].startswith("In the video the person looks")
     path = tmp_path / "bad.json"
-    path.write_text(json.dumps({"sample_9": {"reason_caption": "x"}}))
-    with pytest.raises(SampleError, match=rf"Sample 'sample_9': missing caption: no text field 'caption' \({path}\)"):
-        read_captions(path, "caption")
+    path.write_text(json.dumps({"sample_9": {"reason_caption": "x"}, "sample_8": {"caption": " ... "}}))
+    bad = read_captions(path, "caption")  # each entry's problem is the sample's, raised where it is used
+    assert str(bad["sample_9"]) == f"Sample 'sample_9': missing caption: no text field 'caption' ({path})"
+    assert str(bad["sample_8"]) == f"Sample 'sample_8': empty caption: 'caption' is ' ... ' ({path})"
+
+
+def test_a_sample_with_an_empty_caption_is_refused_or_skipped_alone(small):
+    captions = json.loads(small.fine_json.read_text())
+    captions["sample_00000001"]["smp_reason_caption"] = "  "
+    captions["not_annotated"] = None  # an entry no annotated sample uses troubles nobody
+    small.fine_json.write_text(json.dumps(captions))
+    build = dict(tasks="reason_v2", fine_json=small.fine_json)
+    with pytest.raises(SampleError, match=r"Sample 'sample_00000001': empty caption"):
+        MERRDataset(small.coarse_txt, small.subtitles, **build)
+    dataset = MERRDataset(small.coarse_txt, small.subtitles, skip_missing=True, **build)
+    assert [err.sample for err in dataset.skipped] == ["sample_00000001"] and len(dataset.records) == 4
+
+
+@pytest.mark.parametrize("content, problem", [
+    (b"", "unreadable feature file"),
+    ("npz", "unreadable feature file: not a .npy array"),
+    ("float64", "non-finite feature values: values beyond float32's range"),
+])
+def test_corrupt_and_overflowing_feature_files_name_sample_and_file(small, content, problem):
+    path = small.root / "mae_340_UTT" / "sample_00000002.npy"
+    if content == "npz":
+        with path.open("wb") as handle:
+            np.savez(handle, x=np.zeros(16, np.float32))
+    elif content == "float64":
+        np.save(path, np.full(16, 1e300))
+    else:
+        path.write_bytes(content)
+    with pytest.raises(SampleError, match=rf"'sample_00000002': {re.escape(problem)}.*\({path}\)"):
+        coarse_dataset(small)
+
+
+def test_a_subtitle_with_an_unquoted_comma_is_refused(tmp_path):
+    path = tmp_path / "subtitles.csv"
+    path.write_text("name,sentence\nsample_1,hello, world\n")
+    with pytest.raises(ValueError, match=r"line 2: more values than the header has fields \(\[' world'\]\)"):
+        read_subtitles(path)
 
 
 def test_read_subtitles_columns(tmp_path):
@@ -204,6 +242,23 @@ def test_sampler_one_task_per_batch_deterministic_per_epoch(tiny):
     assert list(sampler) == first
     reason = [i for batch in first if batch[0][1] == "reason" for i, _, _ in batch]
     assert sorted(reason[:48]) == list(range(48))  # each task walks through the dataset in shuffled passes
+
+
+def test_each_tasks_passes_go_on_across_epochs_so_every_sample_is_trained(tiny):
+    dataset = coarse_dataset(tiny.data)
+    sampler = SingleTaskBatchSampler(dataset, batch_size=4, seed=1)  # one epoch: about half the dataset per task
+    seen = {"emotion": [], "reason": []}
+    epochs = [list(sampler) for _ in range(4)]
+    for batches in epochs:
+        for batch in batches:
+            seen[batch[0][1]] += [index for index, _, _ in batch]
+    for indices in seen.values():  # each task's draws are whole shuffled passes, one after the other
+        whole = len(indices) // len(dataset) * len(dataset)
+        assert whole >= len(dataset)
+        for start in range(0, whole, len(dataset)):
+            assert sorted(indices[start:start + len(dataset)]) == list(range(len(dataset)))
+    sampler.set_epoch(2)
+    assert list(sampler) == epochs[2]  # an epoch is found again from the seed alone (resume, other processes)
 
 
 def test_sampler_task_weights_and_validation(tiny):

@@ -229,6 +229,7 @@ def test_refused_options(tmp_path):
     for extra, message in ((["--deepspeed", "recipes/configs/zero2.json"], "--deepspeed"),
                            (["--precompute_ref_log_probs", "true"], "precompute_ref_log_probs"),
                            (["--remove_unused_columns", "true"], "remove_unused_columns"),
+                           (["--label_smoothing_factor", "0.1"], "label_smoothing_factor"),
                            (["--mix", "consistent=3"], r"must be in \[0, 1\]")):  # fmt: skip
         with pytest.raises(ValueError, match=message):
             dpo.check_dpo_args(dpo.parse_dpo_args(["--output_dir", str(tmp_path), *extra]))

@@ -264,6 +264,10 @@ def test_audio_repeat_reaches_training_and_reloading(tiny, tmp_path):
         (["--val_size", "0", "--eval_strategy", "steps"], "give --val_size"),
         (["--val_size", "2.5"], "--val_size must be a fraction"),
         (["--remove_unused_columns", "true"], "must stay false"),
+        (["--label_smoothing_factor", "0.1"], "--label_smoothing_factor 0.1 is not supported"),
+        (["--load_best_model_at_end", "true", "--eval_strategy", "epoch", "--save_strategy", "epoch", "--val_size",
+          "0.2"], "--load_best_model_at_end is not supported"),
+        (["--max_steps", "100000"], "--max_steps 100000 goes past the emotion_llama schedule's"),
     ],
 )
 def test_bad_arguments_are_refused(argv, message):

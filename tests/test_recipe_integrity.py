@@ -30,6 +30,7 @@ from mosear_recipes.integrity import (
     MANIFEST,
     CheckpointError,
     CheckpointManifests,
+    checkpoints,
     newest_intact,
     resolve_resume,
     save_failure,
@@ -269,3 +270,9 @@ def test_answers_that_fall_back_to_neutral_are_counted_and_reported(caplog):
     assert [row["fallback"] for row in rows] == [False, True, False]
     scoring.warn_skipped(rows, "recognition")
     assert "1 of 3 answers name no label and are scored as 'neutral': 'b'" in caplog.text
+
+
+def test_checkpoints_set_aside_are_never_listed(tmp_path):
+    for name in ("checkpoint-10", "checkpoint-3", "checkpoint-3.refused", "checkpoint-3.refused-2", "checkpoint-x"):
+        (tmp_path / name).mkdir()
+    assert [c.name for c in checkpoints(tmp_path)] == ["checkpoint-3", "checkpoint-10"]

@@ -107,6 +107,8 @@ def test_overwrite_replaces_the_run_and_its_checkpoints_so_a_resume_cannot_pick_
 def test_resume_with_another_configuration_is_refused_naming_the_option(tiny, copy_of):
     with pytest.raises(OutputDirError, match=r"--learning_rate: 0.003 in the run, 0.001 now"):
         finetune.main(run_args(tiny, copy_of, "--learning_rate", "1e-3", "--resume_from_checkpoint"))
+    with pytest.raises(OutputDirError, match=r"--quantization: 'none' in the run, '8bit' now"):
+        finetune.main(run_args(tiny, copy_of, "--quantization", "8bit", "--resume_from_checkpoint"))
 
 
 # --- silently wrong (cases 5, 6, 10) ---

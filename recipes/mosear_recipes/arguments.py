@@ -380,6 +380,20 @@ def trainer_values(training: TrainingArguments, checkpoints_kept: int | None) ->
     return {**training.to_dict(), "save_total_limit": checkpoints_kept}
 
 
+def check_trainer_options(args: TrainingArguments) -> None:
+    """Refuse Trainer options the recipes' models and checkpoints do not honour: Trainer's label smoother shifts
+    labels only for the model classes it knows (a recipe's wrapper would learn to copy its input), and its best-model
+    reload cannot find a checkpoint that the recipes' own verified rotation (``--save_total_limit``) may have
+    removed."""
+    if args.label_smoothing_factor:
+        raise ValueError(f"--label_smoothing_factor {args.label_smoothing_factor} is not supported by the recipes: "
+                         "Trainer would smooth against unshifted labels of their model. Leave it at 0.")  # fmt: skip
+    if args.load_best_model_at_end:
+        raise ValueError("--load_best_model_at_end is not supported by the recipes: their checkpoint rotation may "
+                         "remove the best checkpoint. Keep the checkpoints (--save_total_limit) and pick one by its "
+                         "logged eval_loss.")  # fmt: skip
+
+
 def check_args(config: FinetuneConfig) -> None:
     """Refuse contradictory or unsupported settings with a message that says what to do instead."""
     model, data, schedule, args = config.model, config.data, config.schedule, config.training
@@ -440,7 +454,14 @@ def check_args(config: FinetuneConfig) -> None:
         raise ValueError(f"--learning_rate must be > 0, got {args.learning_rate}.")
     if schedule.lr_schedule not in SCHEDULES:
         raise ValueError(f"--lr_schedule must be one of {list(SCHEDULES)}, got {schedule.lr_schedule!r}.")
+    check_trainer_options(args)
     if schedule.lr_schedule == "emotion_llama":
+        if args.max_steps > total_steps(config):
+            raise ValueError(
+                f"--max_steps {args.max_steps} goes past the emotion_llama schedule's {total_steps(config)} steps "
+                "(--num_train_epochs x --iters_per_epoch), where its cosine would rise again: raise "
+                "--num_train_epochs instead."
+            )
         changed = [name for name, default in (("lr_scheduler_type", "linear"), ("lr_scheduler_kwargs", {}))
                    if getattr(args, name) not in (default, None)]  # fmt: skip
         if changed:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -56,8 +57,10 @@ def checkpoint_problems(directory: Path) -> list[str]:
 
 def checkpoints(run_dir: Path) -> list[Path]:
     """The ``checkpoint-N`` folders of a run, by step."""
-    found = [p for p in run_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+    pattern = re.compile(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)")  # not checkpoint-N.refused-K, set aside for good
+    found = [(int(m[1]), p) for p in run_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+             if p.is_dir() and (m := pattern.fullmatch(p.name))]  # fmt: skip
+    return [p for _, p in sorted(found)]
 
 
 def newest_intact(run_dir: Path, exclude: Path | None = None) -> Path | None:

@@ -170,6 +170,8 @@ class MERRDataset(Dataset):
             path, captions = self._captions[source]
             if name not in captions:
                 raise SampleError(name, path, "missing caption", f"no entry for task {task!r}")
+            if isinstance(captions[name], SampleError):
+                raise captions[name]
             answers[task] = normalize_answer(captions[name])
         files = {kind: self.feature_root / folder / f"{name}.npy" for kind, folder in self.spec.folders.items()}
         for kind, path in files.items():

@@ -75,20 +75,25 @@ def check_label(annotation: Annotation, labels: Sequence[str] = EMOTION_LABELS) 
     return label
 
 
-def read_captions(path: str | Path, field: str) -> dict[str, str]:
+def read_captions(path: str | Path, field: str) -> dict[str, str | SampleError]:
     """Read ``{name: {field: text, ...}}`` from a MERR JSON (``caption`` in the coarse file, ``smp_reason_caption``
-    or ``reason_caption`` in the fine one)."""
+    or ``reason_caption`` in the fine one). An entry without text (no field, not a string, only spaces and
+    punctuation) maps to the :class:`SampleError` it is, raised by the samples that use it (and skipped with them
+    under ``--skip_missing``)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Caption file {path} does not exist.")
     data = load_json(path)  # a name given twice is an error, not "the last caption wins"
     if not isinstance(data, dict):
         raise ValueError(f"Caption file {path} must hold a JSON object {{name: {{...}}}}, got {type(data).__name__}.")
-    captions = {}
+    captions: dict[str, str | SampleError] = {}
     for name, entry in data.items():
         if not isinstance(entry, dict) or not isinstance(entry.get(field), str):
-            raise SampleError(name, path, "missing caption", f"no text field {field!r}")
-        captions[name] = entry[field]
+            captions[name] = SampleError(name, path, "missing caption", f"no text field {field!r}")
+        elif not any(c.isalnum() for c in entry[field]):
+            captions[name] = SampleError(name, path, "empty caption", f"{field!r} is {entry[field]!r}")
+        else:
+            captions[name] = entry[field]
     return captions
 
 
@@ -107,6 +112,9 @@ def read_subtitles(path: str | Path, column: str | None = None) -> dict[str, str
     subtitles: dict[str, str] = {}
     lines: dict[str, int] = {}
     for row in reader:
+        if row.get(None):  # csv's key for values past the header's fields
+            raise ValueError(f"Subtitle file {path}, line {reader.line_num}: more values than the header has fields "
+                             f"({row[None]}): put a subtitle that holds a comma in double quotes.")
         name, text = row["name"], row[found] or ""
         if name in subtitles and subtitles[name] != text:  # a repeated identical row is harmless
             raise ValueError(
@@ -131,8 +139,10 @@ def read_feature(path: Path, sample: str, shapes: Sequence[tuple[int, ...]]) -> 
     try:
         with _NPY_HEADER:
             array = np.load(path, mmap_mode="r", allow_pickle=False)
-    except ValueError as err:
-        raise SampleError(sample, path, "unreadable feature file", str(err)) from None
+    except (ValueError, EOFError, OSError) as err:
+        raise SampleError(sample, path, "unreadable feature file", str(err) or type(err).__name__) from None
+    if not isinstance(array, np.ndarray):
+        raise SampleError(sample, path, "unreadable feature file", f"not a .npy array but a {type(array).__name__}")
     if tuple(array.shape) not in shapes or not np.issubdtype(array.dtype, np.floating):
         expected = " or ".join(str(s) for s in shapes)
         raise SampleError(
@@ -144,4 +154,7 @@ def read_feature(path: Path, sample: str, shapes: Sequence[tuple[int, ...]]) -> 
         raise SampleError(
             sample, path, "non-finite feature values", f"{int(bad.sum())} NaN or infinite values, the first at {first}"
         )
+    if array.dtype.itemsize > 4 and array.size and np.abs(array).max() > np.finfo(np.float32).max:
+        raise SampleError(sample, path, "non-finite feature values", "values beyond float32's range, which the model "
+                                                                     "reads them in")  # fmt: skip
     return array

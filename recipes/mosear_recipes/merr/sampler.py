@@ -16,10 +16,13 @@ _DRAW_RANGE = 2**31
 class SingleTaskBatchSampler(Sampler[list[SampleKey]]):
     """Yields ``num_batches`` batches of :data:`~mosear_recipes.merr.dataset.SampleKey`; each batch draws one task from
     ``tasks`` (with ``task_weights``, uniform by default), then ``batch_size`` samples from that task's own shuffled
-    pass over the dataset, and one instruction per sample.
+    passes over the dataset, and one instruction per sample. A task's passes go on across epochs where the last epoch
+    left them (as Emotion-LLaMA's per-dataset iterators do): with two tasks an epoch draws about half the dataset for
+    each, and the next epoch takes the other half, so no sample is left out of a task for good.
 
     Deterministic given ``seed`` and the epoch: ``set_epoch`` sets the epoch, and every iteration advances it
-    by one when it starts (so copies iterated in step, e.g. one per process, agree without ``set_epoch``).
+    by one when it starts (so copies iterated in step, e.g. one per process, agree without ``set_epoch``). Epoch
+    ``e`` replays the task draws of the epochs before it to find where each task's pass stands.
     """
 
     def __init__(
@@ -56,15 +59,26 @@ class SingleTaskBatchSampler(Sampler[list[SampleKey]]):
         return self.num_batches
 
     def __iter__(self) -> Iterator[list[SampleKey]]:
-        rng = np.random.default_rng([self.seed, self.epoch])
+        epoch = self.epoch
         self.epoch += 1
-        streams = {task: self._stream(rng) for task in self.tasks}
-        for _ in range(self.num_batches):
-            task = self.tasks[rng.choice(len(self.tasks), p=self.probabilities)]
-            draws = rng.integers(_DRAW_RANGE, size=self.batch_size)
-            yield [(next(streams[task]), task, int(draw)) for draw in draws]
+        drawn = np.zeros(len(self.tasks), dtype=np.int64)
+        for earlier in range(epoch):
+            for task, _ in self._plan(earlier):
+                drawn[task] += self.batch_size
+        streams = [self._stream(task, int(drawn[task])) for task in range(len(self.tasks))]
+        for task, draws in self._plan(epoch):
+            yield [(next(streams[task]), self.tasks[task], int(draw)) for draw in draws]
 
-    def _stream(self, rng: np.random.Generator) -> Iterator[int]:
-        """Sample indices in shuffled passes over the dataset, endlessly."""
+    def _plan(self, epoch: int) -> Iterator[tuple[int, np.ndarray]]:
+        """Epoch ``epoch``'s batches: the task index of each and its instruction draws."""
+        rng = np.random.default_rng([self.seed, epoch])
+        for _ in range(self.num_batches):
+            yield int(rng.choice(len(self.tasks), p=self.probabilities)), rng.integers(_DRAW_RANGE, size=self.batch_size)
+
+    def _stream(self, task: int, start: int) -> Iterator[int]:
+        """Task ``task``'s sample indices from its ``start``-th on: shuffled passes over the dataset, endlessly."""
+        passes, offset = divmod(start, self.dataset_size)
         while True:
-            yield from (int(i) for i in rng.permutation(self.dataset_size))
+            order = np.random.default_rng([self.seed, task, passes]).permutation(self.dataset_size)
+            yield from (int(i) for i in order[offset:])
+            passes, offset = passes + 1, 0

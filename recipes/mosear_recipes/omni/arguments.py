@@ -18,6 +18,7 @@ from ..arguments import (
     MoSEArguments,
     argument_values,
     build_group,
+    check_trainer_options,
     parse_values,
     trainer_group,
     trainer_values,
@@ -142,6 +143,7 @@ def parse_omni_args(argv: Sequence[str] | None = None) -> OmniConfig:
 def check_omni_args(config: OmniConfig) -> None:
     """Refuse contradictory or unsupported settings, saying what to do instead."""
     model, data, args = config.model, config.data, config.training
+    check_trainer_options(args)
     if data.tiny_setup and (model.model_name_or_path or data.train_manifest):
         raise ValueError("--tiny_setup writes its own model and clips: give it, or --model_name_or_path with "
                          "--train_manifest, not both.")  # fmt: skip

@@ -18,7 +18,15 @@ from trl import DPOConfig, DPOTrainer
 
 from peft_mose.metrics import resolve_labels
 
-from ..arguments import CONFIG_DIR, ModelArguments, build_group, parse_values, trainer_group, trainer_values
+from ..arguments import (
+    CONFIG_DIR,
+    ModelArguments,
+    build_group,
+    check_trainer_options,
+    parse_values,
+    trainer_group,
+    trainer_values,
+)
 from ..distributed import end_process_group
 from ..emotion_llama.features import FeatureSpec
 from ..emotion_llama.model import load_tokenizer
@@ -139,6 +147,7 @@ def parse_dpo_args(argv: Sequence[str] | None = None) -> DPORunConfig:
 def check_dpo_args(config: DPORunConfig) -> None:
     """Refuse what cannot work here, saying what does."""
     model, data, args = config.model, config.data, config.training
+    check_trainer_options(args)
     if data.tiny_setup and (model.model_name_or_path or data.data_root):
         raise ValueError("--tiny_setup writes its own model and data: give it, or --model_name_or_path with "
                          "--data_root, not both.")  # fmt: skip
