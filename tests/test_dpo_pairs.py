@@ -81,6 +81,12 @@ def test_builder_refuses_samples_without_a_carrying_cue(tmp_path):
         build_pairs([("a", "sad")], cues)
 
 
+def test_a_built_pair_whose_answers_are_the_same_once_normalised_is_refused():
+    long = Cues(" ".join(["tense and very"] * 70), "angry", "cheerful", "happy")  # the 200-word cut hides the verdict
+    with pytest.raises(SampleError, match=r"Sample 'a': indistinct pair: .*cut at 200 words.*\(cues.json\)"):
+        build_pairs([("a", "angry")], {"a": long}, where="cues.json")
+
+
 def test_pair_file_round_trip_and_cli(tiny, tmp_path, capsys):
     out = tmp_path / "pairs.jsonl"
     main([str(tiny.data.root), "--out", str(out), "--mix", "audio_aligned=0"])

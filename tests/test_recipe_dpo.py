@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -225,11 +226,28 @@ def test_resume_ends_in_the_state_of_the_uninterrupted_run(default_run, tmp_path
             torch.testing.assert_close(resumed[key], reference[key], rtol=0, atol=1e-6, msg=f"{path}: {key}")
 
 
+def test_samples_left_out_by_skip_missing_are_reported(default_run, tmp_path, caplog):
+    import logging
+    import shutil
+
+    out, _ = default_run
+    data = tmp_path / "data"
+    shutil.copytree(out / "tiny" / "data", data)
+    (data / "mae_340_UTT" / "sample_00000000.npy").unlink()
+    with caplog.at_level(logging.INFO, logger="mosear_recipes.preference.dpo"):
+        dpo.main(["--output_dir", str(tmp_path / "run"), "--tiny_setup", "false", "--model_name_or_path",
+                  str(out / "tiny" / "model"), "--data_root", str(data), "--skip_missing", "true", "--max_steps", "1",
+                  "--save_strategy", "no", *QUIET[:2]])  # fmt: skip
+    assert re.search(r"skipped 1 of \d+ samples in .*: 1 missing feature file", caplog.text)
+
+
 def test_refused_options(tmp_path):
     for extra, message in ((["--deepspeed", "recipes/configs/zero2.json"], "--deepspeed"),
                            (["--precompute_ref_log_probs", "true"], "precompute_ref_log_probs"),
                            (["--remove_unused_columns", "true"], "remove_unused_columns"),
                            (["--label_smoothing_factor", "0.1"], "label_smoothing_factor"),
+                           (["--max_length", "40"], "--max_length 40 is not supported"),
+                           (["--pairs", "p.jsonl", "--mix", "consistent=0.5"], "give one of them"),
                            (["--mix", "consistent=3"], r"must be in \[0, 1\]")):  # fmt: skip
         with pytest.raises(ValueError, match=message):
             dpo.check_dpo_args(dpo.parse_dpo_args(["--output_dir", str(tmp_path), *extra]))

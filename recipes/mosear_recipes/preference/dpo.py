@@ -95,6 +95,11 @@ class MoSEDPOConfig(DPOConfig):
     gradient_checkpointing: bool | None = field(default=None, metadata={"help": "Deprecated: --activation_checkpointing."})
     bf16: bool = field(default=False, metadata={"help": "bf16 mixed precision."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Must stay False (the pair index column)."})
+    max_length: int | None = field(
+        default=None, metadata={"help": "Must stay unset: the recipe's collator builds every sequence (features, prompt, "
+                                "answer) and truncates nothing; TRL would only drop the pairs whose text prompt "
+                                "reaches it."},
+    )  # fmt: skip
     save_total_limit: int | None = field(
         default=2, metadata={"help": "Checkpoints kept: rotated once the newest has its manifest."}
     )
@@ -165,6 +170,13 @@ def check_dpo_args(config: DPORunConfig) -> None:
                          "frozen starting model, computed in every step (docs/preference.md).")  # fmt: skip
     if args.remove_unused_columns:
         raise ValueError("--remove_unused_columns must stay false: the collator reads the pair index column.")
+    if args.max_length is not None:
+        raise ValueError(f"--max_length {args.max_length} is not supported: the recipe's collator builds every "
+                         "sequence (features, prompt, answer) and truncates nothing, and TRL would drop the pairs whose "
+                         "text prompt reaches it. Leave it unset.")  # fmt: skip
+    if data.pairs and data.mix:
+        raise ValueError("--mix chooses the pairs the recipe builds; with --pairs the file's pairs are used as they "
+                         "are: give one of them.")  # fmt: skip
     if model.projector_checkpoint and model.init_from:
         raise ValueError("Give --projector_checkpoint or --init_from, not both (--init_from holds projectors too).")
     if data.audio_repeat < 1 or data.tiny_samples < 3:
@@ -194,6 +206,8 @@ def _tune(config: DPORunConfig, output_dir: Path) -> list[dict[str, float]]:
         clear_previous_run(output_dir)
     model_path, data_root = prepare_inputs(config, output_dir, data.tiny_samples)
     samples = open_dataset(data_root / data.annotation, data_root, ("emotion",), data.skip_missing, data.labels)
+    if data.skip_missing:
+        logger.info(samples.skip_report())
     if data.pairs:
         pair_file = Path(data.pairs)
         pairs = read_pairs(pair_file)

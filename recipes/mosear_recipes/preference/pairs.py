@@ -105,7 +105,8 @@ def build_pairs(
 ) -> list[PreferencePair]:
     """Pairs for the ``(name, label)`` samples whose subset's share of ``mix`` draws them (seeded), in sample order.
     ``labels`` are the wrong labels a consistent sample's rejected answer may conclude (default: every label the
-    cues use). A sample without cues or whose label neither cue carries is refused, naming it and ``where``."""
+    cues use). A sample without cues, whose label neither cue carries, or whose two answers are the same once
+    normalised is refused, naming it and ``where``."""
     rng = np.random.default_rng(seed)
     labels = list(labels) if labels is not None else sorted({c.visual_label for c in cues.values()}
                                                              | {c.audio_label for c in cues.values()})  # fmt: skip
@@ -122,8 +123,12 @@ def build_pairs(
         follows, wrong = rejected_conclusion(subset, sample_cues, label, rng, labels)
         if keep:
             chosen = perceive_then_reason(sample_cues, label, sample_cues.carrier(label))
-            pairs.append(PreferencePair(name, subset, "perceive", chosen,
-                                        perceive_then_reason(sample_cues, wrong, follows)))  # fmt: skip
+            rejected = perceive_then_reason(sample_cues, wrong, follows)
+            if normalize_answer(chosen) == normalize_answer(rejected):
+                raise SampleError(name, where, "indistinct pair", "its chosen and rejected answers are the same once "
+                                  "normalised as trained (cut at 200 words before their conclusions): shorten its cue "
+                                  "descriptions")  # fmt: skip
+            pairs.append(PreferencePair(name, subset, "perceive", chosen, rejected))
     return pairs
 
 
