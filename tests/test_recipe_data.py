@@ -39,6 +39,8 @@ def test_read_annotations_accepts_three_or_four_fields_and_blank_lines(tmp_path)
     path.write_text("sample_1 40 happy\n\nsample_2 12 sad -0.5\n")
     rows = read_annotations(path)
     assert [(r.name, r.label, r.line) for r in rows] == [("sample_1", "happy", 1), ("sample_2", "sad", 3)]
+    path.write_text("\ufeffsample_1 40 happy\n", encoding="utf-8")  # as Windows editors save it
+    assert [r.name for r in read_annotations(path)] == ["sample_1"]
 
 
 def test_empty_annotation_file_names_the_file(small):

@@ -44,7 +44,7 @@ def read_annotations(path: str | Path) -> list[Annotation]:
     if not path.is_file():
         raise FileNotFoundError(f"Annotation file {path} does not exist.")
     rows: dict[str, Annotation] = {}
-    for number, line in enumerate(read_text(path).splitlines(), start=1):
+    for number, line in enumerate(read_text(path, encoding="utf-8-sig").splitlines(), start=1):  # a BOM is no name
         fields = line.split()
         if not fields:
             continue
