@@ -507,3 +507,19 @@ def test_evaluate_gated_ar_reports_the_trade_off_and_leaves_ungated_answers_alon
         evaluate_cli.main(["--scoring", "recognition", "--run_dir", str(out), "--out_dir", str(tmp_path / "bad"),
                            "--strategies", "ar+gate", "--gate_threshold", "2"])  # fmt: skip
     assert not (tmp_path / "bad").exists()
+
+
+def test_data_seed_seeds_the_batch_sampler(tiny, tmp_path, monkeypatch):
+    seeds = []
+    sampler = finetune.SingleTaskBatchSampler
+
+    def recording(*args, **kwargs):
+        seeds.append(kwargs["seed"])
+        return sampler(*args, **kwargs)
+
+    monkeypatch.setattr(finetune, "SingleTaskBatchSampler", recording)
+    quick = ["--max_steps", "1", "--val_size", "0", "--eval_strategy", "no", "--save_strategy", "no",
+             "--eval_annotation", "none"]  # fmt: skip
+    finetune.main(on_tiny(tiny, "--output_dir", str(tmp_path / "a"), *quick, "--seed", "3"))
+    finetune.main(on_tiny(tiny, "--output_dir", str(tmp_path / "b"), *quick, "--seed", "3", "--data_seed", "7"))
+    assert seeds == [3, 7]

@@ -176,7 +176,7 @@ def _train(config: FinetuneConfig, output_dir: Path) -> dict | None:
         batch_size=args.per_device_train_batch_size,
         # accelerate deals the batches out to the processes: each gets iters_per_epoch optimizer steps per epoch
         num_batches=config.schedule.iters_per_epoch * args.gradient_accumulation_steps * args.world_size,
-        seed=args.seed,
+        seed=args.seed if args.data_seed is None else args.data_seed,  # Trainer's meaning: the sampler's seed
     )
     trainer = MoSETrainer(
         model=model,
