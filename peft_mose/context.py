@@ -261,9 +261,9 @@ def start_generate(context: ModalityContext, model: nn.Module, args: tuple, kwar
     chunk = kwargs.get("prefill_chunk_size", getattr(config, "prefill_chunk_size", None))
     if chunk is not None:
         raise ValueError(
-            f"generate(prefill_chunk_size={chunk}) is not supported: the prompt's modality ids and MoSE's router weight "
-            "(Eq. 4, pooled over the whole prompt) are fixed by the call's first forward, which a chunked prefill "
-            f"runs on the first {chunk} tokens only. Pass prefill_chunk_size=None."
+            f"generate(prefill_chunk_size={chunk}) is not supported: the prompt's modality ids and MoSE's router "
+            "weight (Eq. 4, pooled over the whole prompt) are fixed by the call's first forward, which a chunked "
+            f"prefill runs on the first {chunk} tokens only. Pass prefill_chunk_size=None."
         )
     mask = kwargs.get("attention_mask")
     if isinstance(mask, Tensor) and mask.dim() == 2:

@@ -76,7 +76,8 @@ def render() -> str:
         model_class = type(case.model).__name__ + (" (audio in video)" if "interleaved" in name else "")
         lines.append(f"| `{model_class}` | `{language_model_prefix(case.model)}` | {_targets(case.model)} | "
                      f"{_placeholders(case.model.config)} | in its language model | the model's own forward |")
-    lines += ["", REFUSED, "## Text models\n", "| model class | default targets | AR and conflict gate |", "|---|---|---|"]
+    lines += ["", REFUSED, "## Text models\n", "| model class | default targets | AR and conflict gate |",
+              "|---|---|---|"]
     for name in sorted(TEXT_MODELS):
         model = build(name)
         lines.append(f"| `{type(model).__name__}` | {_targets(model)} | {AR_SUPPORT_DOC.get(name, AR_SUPPORT[name])} |")

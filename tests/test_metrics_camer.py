@@ -69,7 +69,8 @@ def test_assign_subsets_errors():
         assign_subsets([{"id": "a", "audio": "sad", "visual": " ", "multimodal": "sad"}])
     with pytest.raises(ValueError, match="position 0 has no id"):
         assign_subsets([{"id": None, "audio": "sad", "visual": "sad", "multimodal": "sad"}])
-    assert assign_subsets([{"id": 0, "audio": "sad", "visual": "sad", "multimodal": "sad"}]).subsets == {"0": "consistent"}
+    zero = assign_subsets([{"id": 0, "audio": "sad", "visual": "sad", "multimodal": "sad"}])
+    assert zero.subsets == {"0": "consistent"}
 
 
 @pytest.mark.parametrize("name", ["video_aligned", "Video-Aligned", "video aligned", "VIDEO_ALIGNED"])

@@ -64,8 +64,9 @@ def test_normalize_word():
     assert normalize_word("isn\u2019t") == "isn't"
 
 
-@pytest.mark.parametrize("word", ["\u201chappy\u201d", "happy\u3002", "\u00abhappy\u00bb", "happy\u200b", "\uff08happy\uff09",
-                                  "happy\u2026", "\u2018happy\u2019", "\uff28\uff41\uff50\uff50\uff59"])
+@pytest.mark.parametrize("word", ["\u201chappy\u201d", "happy\u3002", "\u00abhappy\u00bb", "happy\u200b",
+                                  "\uff08happy\uff09", "happy\u2026", "\u2018happy\u2019",
+                                  "\uff28\uff41\uff50\uff50\uff59"])
 def test_unicode_punctuation_and_invisible_characters_are_stripped(word):
     assert normalize_word(word) == "happy"
     assert sample_set_scores([word], ["happy"]) == (1.0, 1.0)

@@ -192,7 +192,8 @@ def test_untested_multimodal_models_are_refused_at_setup_naming_the_class(class_
     with torch.device("meta"):
         model = getattr(transformers, class_name)(AutoConfig.for_model(model_type))
     hint = "model.thinker" if "Omni" in class_name else "Use one of those"
-    with pytest.raises(ValueError, match=rf"{class_name} is a multimodal model .*LlavaForConditionalGeneration.*{hint}"):
+    refusal = rf"{class_name} is a multimodal model .*LlavaForConditionalGeneration.*{hint}"
+    with pytest.raises(ValueError, match=refusal):
         get_peft_model(model, MoSEConfig(**CFG))
     assert not any(isinstance(m, MoSELayer) for m in model.modules())
     with pytest.raises(ValueError, match=rf"{class_name} is a multimodal model"):

@@ -152,7 +152,8 @@ def test_clips_that_cannot_share_a_batch_and_bad_evaluation_labels_are_refused_b
     target = tmp_path / "run"
     common = ["--model_name_or_path", str(model), "--train_manifest", str(manifest), "--output_dir", str(target),
               "--audio", "optional"]  # fmt: skip
-    with pytest.raises(ValueError, match=r"train.jsonl: clips whose audio is interleaved .* \(e\.g\. 'c2'\) cannot share"):
+    mixed = r"train.jsonl: clips whose audio is interleaved .* \(e\.g\. 'c2'\) cannot share"
+    with pytest.raises(ValueError, match=mixed):
         finetune_main([*common, "--per_device_train_batch_size", "2"])
     evaluation = tmp_path / "eval.jsonl"
     evaluation.write_text(json.dumps({"id": "e1", "video": str(clips["both"]), "label": "fear"}) + "\n")

@@ -758,10 +758,10 @@ def attention_reallocation(
     On a MoSE model the ids come with each call (``model(..., modality_ids=)``, ``model.generate(...,
     modality_ids=)``). A model without MoSE cannot take them, so they are given here instead: ``modality_ids``
     ``[batch, prompt_len]`` describe the prompt of every forward and ``generate`` in the block (generated positions
-    are answer tokens; a forward without a cache must be exactly that prompt). ``strategy`` is ``"ar"`` (MoSEAR, threshold
-    ``tau``, default 1) or ``"pai"`` (factor ``alpha``, default 0.5, ``pai_mode`` ``"logits"``, the default, or
-    ``"weights"``); an option of the other strategy is refused. ``layers`` restricts it to some
-    layer indices; ``rows="all"`` applies it to every query row instead of the response rows; ``record=True`` fills
+    are answer tokens; a forward without a cache must be exactly that prompt). ``strategy`` is ``"ar"`` (MoSEAR,
+    threshold ``tau``, default 1) or ``"pai"`` (factor ``alpha``, default 0.5, ``pai_mode`` ``"logits"``, the
+    default, or ``"weights"``); an option of the other strategy is refused. ``layers`` restricts it to some layer
+    indices; ``rows="all"`` applies it to every query row instead of the response rows; ``record=True`` fills
     ``.diagnostics`` for every response row, step by step (step 0: the first response token).
 
     ``gate="conflict"`` applies AR only to the samples whose prompt is in modality conflict (:mod:`.gate`: two extra

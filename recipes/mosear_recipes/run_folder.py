@@ -28,8 +28,8 @@ RUN_FILES = (RUN_CONFIG, ADAPTER_DIR, PROJECTORS_FILE, REFERENCE_FILE, MODEL_MAN
 # The arguments a resumed run must share with the run it resumes, by group: those that change what it trains (paths,
 # --max_steps, the end-of-run evaluation and the logging options may differ: a moved run folder resumes).
 RESUME_ARGUMENTS = {
-    "model": ("merge_checkpoint_lora", "quantization", "r", "n_experts", "eps", "lora_alpha", "lora_dropout", "router_hidden_size",
-              "expert_kind", "router", "target_modules"),
+    "model": ("merge_checkpoint_lora", "quantization", "r", "n_experts", "eps", "lora_alpha", "lora_dropout",
+              "router_hidden_size", "expert_kind", "router", "target_modules"),
     "data": ("tiny_setup", "stage", "tasks", "annotation", "skip_missing", "audio_repeat", "val_size",
              "val_annotation", "labels"),
     "schedule": ("lr_schedule", "warmup_start_lr", "min_lr", "iters_per_epoch"),

@@ -73,7 +73,8 @@ class SingleTaskBatchSampler(Sampler[list[SampleKey]]):
         """Epoch ``epoch``'s batches: the task index of each and its instruction draws."""
         rng = np.random.default_rng([self.seed, epoch])
         for _ in range(self.num_batches):
-            yield int(rng.choice(len(self.tasks), p=self.probabilities)), rng.integers(_DRAW_RANGE, size=self.batch_size)
+            task = int(rng.choice(len(self.tasks), p=self.probabilities))
+            yield task, rng.integers(_DRAW_RANGE, size=self.batch_size)
 
     def _stream(self, task: int, start: int) -> Iterator[int]:
         """Task ``task``'s sample indices from its ``start``-th on: shuffled passes over the dataset, endlessly."""

@@ -98,7 +98,7 @@ def read_frames(path: str | Path, fps: float, max_frames: int) -> Frames:
         start = float(min(stamps))
         step = _frame_step(stream, sorted(stamps))
         duration = float(max(stamps)) - start + step
-        _check_complete(path, container, stream, start + duration)
+        _check_complete(path, stream, start + duration)
         wanted = sample_times(duration, fps, max_frames)
         container.seek(0)
         kept: list[np.ndarray] = []
@@ -132,15 +132,13 @@ def _frame_step(stream, stamps: list) -> float:
     return float(np.median(gaps[gaps > 0])) if (gaps > 0).any() else 0.0
 
 
-def _check_complete(path: Path, container, stream, end: float) -> None:
-    """:class:`MediaError` when the frames end (``end``, s on the stream's clock) well before the duration the stream
-    or container declares (a file cut short: a partial download or copy)."""
-    if stream.duration is not None and stream.time_base is not None:
-        declared = float(stream.duration * stream.time_base)
-    elif container.duration is not None:
-        declared = container.duration / 1_000_000  # microseconds (AV_TIME_BASE)
-    else:
+def _check_complete(path: Path, stream, end: float) -> None:
+    """:class:`MediaError` when the frames end (``end``, s on the stream's clock) well before the duration the video
+    stream declares (a file cut short: a partial download or copy). A container's own duration is not used: it is
+    its longest stream's, and an audio track may outlast the video."""
+    if stream.duration is None or stream.time_base is None:
         return
+    declared = float(stream.duration * stream.time_base)
     seconds, share = TRUNCATION_TOLERANCE
     if declared - end > max(seconds, share * declared):
         raise MediaError(path, f"the video's frames end at {end:.2f} s of the {declared:.2f} s it declares "

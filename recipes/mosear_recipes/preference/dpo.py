@@ -96,9 +96,9 @@ class MoSEDPOConfig(DPOConfig):
     bf16: bool = field(default=False, metadata={"help": "bf16 mixed precision."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Must stay False (the pair index column)."})
     max_length: int | None = field(
-        default=None, metadata={"help": "Must stay unset: the recipe's collator builds every sequence (features, prompt, "
-                                "answer) and truncates nothing; TRL would only drop the pairs whose text prompt "
-                                "reaches it."},
+        default=None,
+        metadata={"help": "Must stay unset: the recipe's collator builds every sequence (features, prompt, answer) "
+                  "and truncates nothing; TRL would only drop the pairs whose text prompt reaches it."},
     )  # fmt: skip
     save_total_limit: int | None = field(
         default=2, metadata={"help": "Checkpoints kept: rotated once the newest has its manifest."}
@@ -172,8 +172,8 @@ def check_dpo_args(config: DPORunConfig) -> None:
         raise ValueError("--remove_unused_columns must stay false: the collator reads the pair index column.")
     if args.max_length is not None:
         raise ValueError(f"--max_length {args.max_length} is not supported: the recipe's collator builds every "
-                         "sequence (features, prompt, answer) and truncates nothing, and TRL would drop the pairs whose "
-                         "text prompt reaches it. Leave it unset.")  # fmt: skip
+                         "sequence (features, prompt, answer) and truncates nothing, and TRL would drop the pairs "
+                         "whose text prompt reaches it. Leave it unset.")  # fmt: skip
     if data.pairs and data.mix:
         raise ValueError("--mix chooses the pairs the recipe builds; with --pairs the file's pairs are used as they "
                          "are: give one of them.")  # fmt: skip
