@@ -216,3 +216,10 @@ def test_infer_reads_clips_as_a_run_without_audio_was_trained(tmp_path_factory, 
     with pytest.raises(SystemExit) as exit_:
         infer_main(["--run_dir", str(out), "--video", str(clips["both"]), "--audio", str(clips["both"])])
     assert exit_.value.code == 2 and "was trained with --audio none" in capsys.readouterr().err
+
+
+def test_infer_refuses_an_audio_file_with_no_audio(run, clips, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        infer_main(["--run_dir", str(run[0]), "--video", str(clips["both"]), "--audio", str(clips["both"]),
+                    "--no_audio"])  # fmt: skip
+    assert exit_.value.code == 2 and "not allowed with argument" in capsys.readouterr().err

@@ -31,8 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--run_dir", type=Path, help="output folder of recipes/omni_finetune.py (MoSE)")
     parser.add_argument("--model_name_or_path", type=Path, help="base Qwen2.5-Omni model (no run)")
     parser.add_argument("--video", type=Path, help=".mp4 (its audio track is used unless --audio or --no_audio)")
-    parser.add_argument("--audio", type=Path, help=".wav (or any audio file) instead of the video's track")
-    parser.add_argument("--no_audio", action="store_true", help="show the model the frames only")
+    sound = parser.add_mutually_exclusive_group()  # --audio with --no_audio would drop the file unsaid
+    sound.add_argument("--audio", type=Path, help=".wav (or any audio file) instead of the video's track")
+    sound.add_argument("--no_audio", action="store_true", help="show the model the frames only")
     parser.add_argument("--strategy", choices=[*(s.value for s in Strategy), GATED], default="none",
                         help=f"{GATED}: the same as ar+gate (AR where the conflict gate finds the modalities disagree)")
     parser.add_argument("--gate_labels", default="mer2023", help="label set of the gated strategy's conflict gate")
